@@ -1,0 +1,315 @@
+"""Input discovery with pybids: one T1w and its thick-slice targets per subject/session.
+
+Rules (also in ``docs/usage.md``):
+
+* **One T1w per subject/session**: the finest voxel volume (product of the voxel sizes, mm^3), then the highest
+  ``run`` number, then the name; the choice is logged. A T1w whose largest voxel size is more than
+  :data:`MAX_T1W_ANISOTROPY` times its smallest is refused (the scaffold needs a 3D T1w).
+* **Targets** are files with suffix ``T2w``, ``FLAIR``, ``PDw``, ``T2starw`` (``anat``), ``dwi`` (needs ``.bval`` and
+  ``.bvec``) or ``asl`` (``perf``, needs ``_aslcontext.tsv``).
+* **Not-coarser rule**: a target whose every voxel size is <= the T1w's largest voxel size x
+  :data:`COARSER_TOLERANCE` has nothing to gain and is skipped with a warning.
+
+pybids indexes the dataset with ``validate=False``; validation is separate (:mod:`atlasgs_bids.bids.validate`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import nibabel as nib
+import numpy as np
+
+from atlasgs_bids.errors import InputError
+
+LOGGER = logging.getLogger("atlasgs")
+
+COARSER_TOLERANCE = 1.05
+MAX_T1W_ANISOTROPY = 2.0
+
+#: Default pybids queries per filter key, as fMRIPrep's ``--bids-filter-file`` keys.
+DEFAULT_QUERIES: dict[str, dict[str, Any]] = {
+    "t1w": {"datatype": "anat", "suffix": "T1w"},
+    "t2w": {"datatype": "anat", "suffix": "T2w"},
+    "flair": {"datatype": "anat", "suffix": "FLAIR"},
+    "pdw": {"datatype": "anat", "suffix": "PDw"},
+    "t2starw": {"datatype": "anat", "suffix": "T2starw"},
+    "dwi": {"datatype": "dwi", "suffix": "dwi"},
+    "asl": {"datatype": "perf", "suffix": "asl"},
+}
+_NIFTI = [".nii", ".nii.gz"]
+
+
+@dataclass(frozen=True)
+class TargetInput:
+    """One thick-slice target image and what travels with it."""
+
+    path: Path
+    """The target NIfTI (3D, or 4D for dwi/asl)."""
+    modality: str
+    """BIDS suffix: T2w, FLAIR, PDw, T2starw, dwi or asl."""
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """Sidecar metadata (inherited JSON, e.g. ``SliceThickness`` in mm)."""
+    bval: Path | None = None
+    bvec: Path | None = None
+    aslcontext: Path | None = None
+    zooms: tuple[float, ...] = ()
+    """Voxel sizes in mm (first three axes)."""
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    """Inputs of one participant workflow (one subject, one session or none)."""
+
+    subject: str
+    session: str | None
+    t1w: Path
+    targets: list[TargetInput] = field(default_factory=list, hash=False)
+    t1w_mask: Path | None = None
+    """A precomputed brain mask found in ``--derivatives``, if any."""
+
+    @property
+    def label(self) -> str:
+        """``sub-X`` or ``sub-X_ses-Y``."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``'sub-01' -> '01'`` (also accepts the bare label).
+
+    >>> strip_prefix("sub-01", "sub-"), strip_prefix("01", "sub-")
+    ('01', '01')
+    """
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def load_bids_filters(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read an fMRIPrep-style filter file: ``{"t1w": {"acquisition": "mprage"}, "t2w": {"run": 1}}``.
+
+    Keys must be among :data:`DEFAULT_QUERIES`; values are pybids entity filters (``null`` = entity absent,
+    ``"*"`` = any value). Raises :class:`InputError` naming the file otherwise.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: --bids-filter-file does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: --bids-filter-file is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise InputError(f"{path}: --bids-filter-file must be a JSON object of objects, e.g. "
+                         '{"t1w": {"acquisition": "mprage"}}')
+    unknown = set(data) - set(DEFAULT_QUERIES)
+    if unknown:
+        raise InputError(f"{path}: unknown query keys {sorted(unknown)} in --bids-filter-file; "
+                         f"use {sorted(DEFAULT_QUERIES)}")
+    return data
+
+
+def _pybids_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    from bids.layout import Query
+
+    out: dict[str, Any] = {}
+    for key, value in filters.items():
+        if value is None:
+            out[key] = Query.NONE
+        elif value == "*":
+            out[key] = Query.ANY
+        else:
+            out[key] = value
+    return out
+
+
+def voxel_sizes(path: str | os.PathLike) -> tuple[float, float, float]:
+    """Voxel sizes (mm) of the first three axes: column norms of the affine's 3x3 part (header only)."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: cannot read this NIfTI ({exc}); re-export it") from None
+    zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
+    return tuple(float(z) for z in zooms)  # type: ignore[return-value]
+
+
+def choose_t1w(candidates: Iterable[tuple[Path, dict[str, Any]]]) -> Path:
+    """The T1w to use: finest voxel volume, then highest ``run``, then name.
+
+    Parameters
+    ----------
+    candidates : iterable of (path, entities)
+        Entities as pybids returns them (``run`` an int when present).
+    """
+    scored = []
+    for path, ents in candidates:
+        zooms = voxel_sizes(path)
+        volume = round(float(np.prod(zooms)), 6)
+        run = int(ents.get("run") or 0)
+        scored.append((volume, -run, str(path), Path(path)))
+    if not scored:
+        raise ValueError("no T1w candidates")
+    scored.sort()
+    return scored[0][3]
+
+
+def is_coarser(target_zooms: Iterable[float], t1w_zooms: Iterable[float],
+               tolerance: float = COARSER_TOLERANCE) -> bool:
+    """Whether a target has a voxel axis coarser than the T1w's largest voxel size x ``tolerance``.
+
+    >>> is_coarser((0.86, 0.86, 2.4), (0.88, 0.88, 0.88))
+    True
+    >>> is_coarser((0.9, 0.9, 0.9), (0.88, 0.88, 0.88))
+    False
+    """
+    limit = max(t1w_zooms) * tolerance
+    return any(z > limit for z in target_zooms)
+
+
+def open_layout(bids_dir: str | os.PathLike):
+    """A pybids ``BIDSLayout`` (``validate=False``) after checking this is a BIDS dataset at all."""
+    from bids import BIDSLayout
+
+    root = Path(bids_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: the BIDS directory does not exist")
+    if not (root / "dataset_description.json").is_file():
+        raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json); convert the images to BIDS "
+                         "first (e.g. dcm2bids or BIDScoin) so that each subject has sub-<label>/anat/..._T1w.nii.gz")
+    try:
+        return BIDSLayout(str(root), validate=False, derivatives=False)
+    except Exception as exc:
+        raise InputError(f"{root}: pybids cannot index this dataset ({exc})") from None
+
+
+def _get(layout, subject: str, session: str | None, query: dict[str, Any], has_sessions: bool) -> list:
+    from bids.layout import Query
+
+    q = dict(query)
+    q.setdefault("extension", _NIFTI)
+    q["subject"] = subject
+    if has_sessions:
+        q["session"] = session if session is not None else Query.NONE
+    return layout.get(return_type="object", **_pybids_filters(q))
+
+
+def _find_mask(derivatives: Iterable[Path], subject: str, session: str | None) -> Path | None:
+    for root in derivatives:
+        folder = Path(root) / f"sub-{subject}"
+        if session:
+            folder /= f"ses-{session}"
+        folder /= "anat"
+        hits = sorted(folder.glob(f"sub-{subject}{'_ses-' + session if session else ''}*desc-brain_mask.nii*"))
+        hits = [h for h in hits if "space-" not in h.name or "space-T1w" in h.name]
+        if hits:
+            return hits[0]
+    return None
+
+
+def collect_inputs(bids_dir: str | os.PathLike, *, participant_label: Iterable[str] = (),
+                   session_label: Iterable[str] = (), modalities: Iterable[str] = tuple(
+                       q["suffix"] for k, q in DEFAULT_QUERIES.items() if k != "t1w"),
+                   bids_filters: dict[str, dict[str, Any]] | None = None,
+                   derivatives: Iterable[str | os.PathLike] = (), layout=None) -> list[SubjectInputs]:
+    """Discover what to process; every input problem raises :class:`InputError` before any work starts.
+
+    Returns
+    -------
+    list of SubjectInputs
+        One per subject x session with a T1w and at least one target coarser than it. Subjects whose targets are
+        all skipped (none coarser) are left out with a warning; if that leaves nothing, InputError.
+    """
+    layout = layout or open_layout(bids_dir)
+    root = Path(layout.root)
+    filters = {k: dict(DEFAULT_QUERIES[k], **(bids_filters or {}).get(k, {})) for k in DEFAULT_QUERIES}
+    all_subjects = sorted(layout.get_subjects())
+    if not all_subjects:
+        raise InputError(f"{root}: no sub-* folders with images found; is this the dataset root?")
+    wanted = [strip_prefix(s, "sub-") for s in participant_label] or all_subjects
+    missing = sorted(set(wanted) - set(all_subjects))
+    if missing:
+        raise InputError(f"{root}: no subject(s) {', '.join('sub-' + m for m in missing)} in the dataset "
+                         f"(it has {', '.join('sub-' + s for s in all_subjects)}); check --participant-label")
+    sessions_wanted = [strip_prefix(s, "ses-") for s in session_label]
+    modalities = [m for m in DEFAULT_QUERIES if m != "t1w" and DEFAULT_QUERIES[m]["suffix"] in set(modalities)]
+
+    found: list[SubjectInputs] = []
+    no_t1w: list[str] = []
+    for subject in wanted:
+        sessions: list[str | None] = sorted(layout.get_sessions(subject=subject)) or [None]
+        has_sessions = sessions != [None]
+        if sessions_wanted:
+            sessions = [s for s in sessions if s in sessions_wanted]
+            if not sessions:
+                LOGGER.warning("sub-%s: none of the sessions %s; skipped", subject, sessions_wanted)
+                continue
+        for session in sessions:
+            label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            t1ws = _get(layout, subject, session, filters["t1w"], has_sessions)
+            if not t1ws:
+                no_t1w.append(label)
+                continue
+            t1w = choose_t1w((Path(f.path), f.get_entities()) for f in t1ws)
+            t1w_zooms = voxel_sizes(t1w)
+            if len(t1ws) > 1:
+                LOGGER.info("%s: %d T1w images; using %s (finest voxels, then highest run)", label, len(t1ws),
+                            t1w.name)
+            if max(t1w_zooms) > MAX_T1W_ANISOTROPY * min(t1w_zooms):
+                raise InputError(
+                    f"{t1w}: the T1w is not 3D (voxels {'x'.join(f'{z:.2g}' for z in t1w_zooms)} mm, anisotropy > "
+                    f"{MAX_T1W_ANISOTROPY:g}); the scaffold needs an isotropic T1w. Exclude this subject with "
+                    "--participant-label or pick another T1w with --bids-filter-file")
+            targets: list[TargetInput] = []
+            for key in modalities:
+                for f in _get(layout, subject, session, filters[key], has_sessions):
+                    target = _target_input(layout, Path(f.path), DEFAULT_QUERIES[key]["suffix"])
+                    if not is_coarser(target.zooms, t1w_zooms):
+                        LOGGER.warning(
+                            "%s: skipped, its voxels (%s mm) are no coarser than the T1w's (%s mm): nothing to "
+                            "harmonise (not-coarser rule, see docs/usage.md)", target.path.name,
+                            "x".join(f"{z:.3g}" for z in target.zooms), "x".join(f"{z:.3g}" for z in t1w_zooms))
+                        continue
+                    targets.append(target)
+            if not targets:
+                LOGGER.warning("%s: no target coarser than its T1w among %s; nothing to do for it", label,
+                               ", ".join(DEFAULT_QUERIES[m]["suffix"] for m in modalities))
+                continue
+            found.append(SubjectInputs(subject=subject, session=session, t1w=t1w, targets=targets,
+                                       t1w_mask=_find_mask([Path(d) for d in derivatives], subject, session)))
+    if no_t1w:
+        raise InputError(f"{root}: no T1w image for {', '.join(no_t1w)} (expected "
+                         f"{no_t1w[0].replace('_', '/')}/anat/{no_t1w[0]}_T1w.nii.gz); the method needs a 3D T1w "
+                         "of the same subject. Add one, or leave the subject out with --participant-label")
+    if not found:
+        raise InputError(f"{root}: nothing to process: no target ({', '.join(DEFAULT_QUERIES[m]['suffix'] for m in modalities)}) "
+                         "coarser than its T1w; see --modalities and the not-coarser rule in docs/usage.md")
+    return found
+
+
+def _target_input(layout, path: Path, modality: str) -> TargetInput:
+    meta = dict(layout.get_metadata(str(path)))
+    zooms = voxel_sizes(path)
+    bval = bvec = aslcontext = None
+    if modality == "dwi":
+        try:
+            bval, bvec = Path(layout.get_bval(str(path))), Path(layout.get_bvec(str(path)))
+        except Exception:
+            bval = bvec = None
+        if not (bval and bval.is_file() and bvec and bvec.is_file()):
+            raise InputError(f"{path}: a dwi series needs its .bval and .bvec files (same name, or inherited); "
+                             "add them or leave dwi out with --modalities")
+    if modality == "asl":
+        ents, _, ext = _split(path)
+        aslcontext = path.with_name(path.name[: -len(f"_asl{ext}")] + "_aslcontext.tsv")
+        if not aslcontext.is_file():
+            raise InputError(f"{path}: an asl series needs its {aslcontext.name}; add it or leave asl out "
+                             "with --modalities")
+    return TargetInput(path=path, modality=modality, meta=meta, bval=bval, bvec=bvec, aslcontext=aslcontext,
+                       zooms=zooms)
+
+
+def _split(path: Path) -> tuple[str, str, str]:
+    name = path.name
+    stem, dot, ext = name.partition(".")
+    return stem, dot, dot + ext

@@ -1,0 +1,185 @@
+"""Run settings: one frozen :class:`Config`, built once by the CLI and passed explicitly.
+
+Unlike fMRIPrep's module-global ``config``, nothing here is global: one participant runs per process, the core is
+a library, and tests build a ``Config`` with a plain call. The config is written to TOML (by hand: the values are
+strings, numbers, booleans and lists of strings) and a copy is kept in ``<output_dir>/logs/``; :func:`Config.from_toml`
+reads it back with :mod:`tomllib`.
+
+>>> cfg = Config.build(bids_dir="/data/bids", output_dir="/data/out", analysis_level="participant")
+>>> cfg.fit.quality, cfg.resources.nprocs, cfg.execution.modalities[:2]
+('default', 1, ('T2w', 'FLAIR'))
+>>> Config.from_toml(cfg.to_toml()) == cfg
+True
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+#: Target modalities (BIDS suffixes) the app knows, in the order it processes them.
+MODALITIES: tuple[str, ...] = ("T2w", "FLAIR", "PDw", "T2starw", "dwi", "asl")
+QUALITIES: tuple[str, ...] = ("fast", "default", "best")
+DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Where the data are and what to process."""
+
+    bids_dir: Path
+    """Root of the input BIDS dataset (read only; never written)."""
+    output_dir: Path
+    """Root of the output BIDS-Derivatives dataset."""
+    analysis_level: str
+    """``participant`` or ``group`` (BIDS-Apps)."""
+    work_dir: Path | None = None
+    """Nipype working directory (reused across runs: finished nodes are skipped); ``None``: a temporary one."""
+    participant_label: tuple[str, ...] = ()
+    """Subjects to process, without ``sub-``; empty: all."""
+    session_label: tuple[str, ...] = ()
+    """Sessions to process, without ``ses-``; empty: all."""
+    modalities: tuple[str, ...] = MODALITIES
+    """Target suffixes to harmonise (subset of :data:`MODALITIES`)."""
+    bids_filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """fMRIPrep-style entity filters per query key (``t1w``, ``t2w``, ``flair``, ``pdw``, ``t2starw``, ``dwi``, ``asl``)."""
+    skip_bids_validation: bool = False
+    """Do not run ``bids-validator-deno`` on the input."""
+    reports_only: bool = False
+    """Only (re)build reports from existing derivatives."""
+    skull_stripped: bool = False
+    """The T1w is already brain-extracted: the brain mask is ``T1w > 0``."""
+    derivatives: tuple[Path, ...] = ()
+    """Derivatives datasets searched for a precomputed T1w brain mask (``desc-brain_mask``)."""
+
+    @property
+    def log_dir(self) -> Path:
+        """``<output_dir>/logs``: the TOML copy of this config and per-participant status files."""
+        return self.output_dir / "logs"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Compute resources."""
+
+    nprocs: int = 1
+    """Nipype MultiProc processes within one participant."""
+    omp_nthreads: int = 1
+    """Threads per process for torch / ANTs / BLAS."""
+    mem_gb: float | None = None
+    """Memory the MultiProc scheduler may plan for, in GB; ``None``: nipype's default (90% of the machine)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cuda`` or ``cpu``."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Gaussian scaffold / appearance fitting."""
+
+    quality: str = "default"
+    """Preset of :class:`ScaffoldOptions` / :class:`AppearanceOptions`: ``fast``, ``default`` or ``best``."""
+    seed: int = 0
+    """Seed of the scaffold initialisation and the registration sampling."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one run; sections :class:`ExecutionConfig`, :class:`ResourcesConfig`, :class:`FitConfig`."""
+
+    execution: ExecutionConfig
+    resources: ResourcesConfig = ResourcesConfig()
+    fit: FitConfig = FitConfig()
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> "Config":
+        """A Config from flat keyword arguments (field names of any section); paths as ``str`` or ``Path``."""
+        sections = {"execution": ExecutionConfig, "resources": ResourcesConfig, "fit": FitConfig}
+        values: dict[str, dict[str, Any]] = {k: {} for k in sections}
+        for key, value in kwargs.items():
+            for sec, klass in sections.items():
+                if key in {f.name for f in fields(klass)}:
+                    values[sec][key] = value
+                    break
+            else:
+                raise TypeError(f"unknown config field {key!r}")
+        return cls(**{sec: sections[sec](**_coerce(sections[sec], values[sec])) for sec in sections})
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        """A copy with some fields of one section changed."""
+        return replace(self, **{section: replace(getattr(self, section), **changes)})
+
+    def to_toml(self) -> str:
+        """The config as TOML text (``None`` values are left out; ``bids_filters`` is stored as a JSON string)."""
+        lines: list[str] = []
+        for sec in ("execution", "resources", "fit"):
+            obj = getattr(self, sec)
+            lines.append(f"[{sec}]")
+            for f in fields(obj):
+                value = getattr(obj, f.name)
+                if value is None:
+                    continue
+                if f.name == "bids_filters":
+                    lines.append(f"bids_filters = {_toml_str(json.dumps(value, sort_keys=True))}")
+                    continue
+                lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_toml(cls, text: str) -> "Config":
+        """Read :meth:`to_toml` output back."""
+        data = tomllib.loads(text)
+        flat: dict[str, Any] = {}
+        for sec in ("execution", "resources", "fit"):
+            flat.update(data.get(sec, {}))
+        if "bids_filters" in flat:
+            flat["bids_filters"] = json.loads(flat["bids_filters"])
+        return cls.build(**flat)
+
+    def save(self, path: Path | str) -> Path:
+        """Write :meth:`to_toml` to ``path`` atomically (temp file + rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, path)
+        return path
+
+
+def _coerce(klass: type, values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for f in fields(klass):
+        if f.name not in out or out[f.name] is None:
+            continue
+        v = out[f.name]
+        if f.name in ("bids_dir", "output_dir", "work_dir"):
+            out[f.name] = Path(v)
+        elif f.name == "derivatives":
+            out[f.name] = tuple(Path(p) for p in v)
+        elif f.name in ("participant_label", "session_label", "modalities"):
+            out[f.name] = tuple(str(x) for x in v)
+    return out
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return _toml_str(str(value))
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")

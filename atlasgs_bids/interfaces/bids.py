@@ -1,0 +1,125 @@
+"""Derivatives interfaces: the target sidecar and the sink that stages outputs under their BIDS names."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface, TraitedSpec,
+                                    traits)
+
+from atlasgs_bids.bids.derivatives import atomic_copy, atomic_write_json
+
+#: Source metadata that no longer describes the output grid and is not copied into the sidecar.
+DROPPED_META = ("SliceThickness", "SliceTiming", "SliceEncodingDirection", "PhaseEncodingDirection",
+                "TotalReadoutTime", "EffectiveEchoSpacing")
+METHOD = ("AtlasGS: a 3D Gaussian scaffold fitted to the subject's T1w (stage 1); per-Gaussian target intensities "
+          "fitted through the target's slice profile and rigid transform (stage 2); rendered on the T1w grid")
+
+
+def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: str, modality: str,
+                   parameters: dict[str, Any], registration: dict[str, Any], appearance: dict[str, Any],
+                   device: str, version: str) -> dict[str, Any]:
+    """The JSON sidecar of a harmonised target.
+
+    Keys: the source's metadata (less :data:`DROPPED_META`), ``Sources`` (BIDS URIs), ``SpatialReference``,
+    ``Method``, ``Parameters``, ``Version``, ``Metrics`` (registration mutual information, stage-2 residual),
+    ``Runtime`` (seconds per stage), ``Device``.
+    """
+    out = {k: v for k, v in meta.items() if k not in DROPPED_META}
+    scalars = {k: v for k, v in appearance.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and "seconds" not in k}
+    params = dict(parameters)
+    if isinstance(appearance.get("options"), dict):
+        params["appearance_options"] = appearance["options"]
+    if isinstance(registration.get("parameters"), dict):
+        params["registration"] = registration["parameters"]
+    out.update({
+        "Sources": list(sources),
+        "SpatialReference": spatial_reference,
+        "Description": f"{modality} brought to the T1w grid by atlasgs-bids",
+        "Method": METHOD,
+        "Parameters": params,
+        "Version": version,
+        "Metrics": {"registration_" + str(registration.get("metric_name", "metric")): registration.get("metric"),
+                    **scalars},
+        "Runtime": {"registration_seconds": registration.get("seconds"),
+                    **{(k if k == "render_seconds" else f"appearance_{k}"): v
+                       for k, v in appearance.items() if "seconds" in k and isinstance(v, (int, float))}},
+        "Device": device,
+        "SkullStripped": True,  # rendered inside the T1w brain mask
+    })
+    return out
+
+
+class _SidecarInputSpec(BaseInterfaceInputSpec):
+    meta = traits.Dict(usedefault=True, desc="source sidecar metadata")
+    sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of the inputs")
+    spatial_reference = traits.Str(mandatory=True, desc="BIDS URI of the output grid (the preprocessed T1w)")
+    modality = traits.Str(mandatory=True, desc="target suffix")
+    parameters = traits.Dict(usedefault=True, desc="method parameters (quality, seed, ...)")
+    registration_report = File(exists=True, mandatory=True, desc="RigidRegistration JSON")
+    appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON")
+    device = traits.Str("cpu", usedefault=True, desc="torch device used")
+    version = traits.Str(mandatory=True, desc="atlasgs-bids version")
+
+
+class _SidecarOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="sidecar JSON")
+    metrics = traits.Dict(desc="the sidecar's Metrics")
+
+
+class TargetSidecar(SimpleInterface):
+    """Build the harmonised target's sidecar (:func:`target_sidecar`)."""
+
+    input_spec = _SidecarInputSpec
+    output_spec = _SidecarOutputSpec
+
+    def _run_interface(self, runtime):
+        sidecar = target_sidecar(
+            meta=self.inputs.meta, sources=self.inputs.sources, spatial_reference=self.inputs.spatial_reference,
+            modality=self.inputs.modality, parameters=self.inputs.parameters,
+            registration=json.loads(Path(self.inputs.registration_report).read_text()),
+            appearance=json.loads(Path(self.inputs.appearance_report).read_text()),
+            device=self.inputs.device, version=self.inputs.version)
+        out = Path(runtime.cwd) / "sidecar.json"
+        atomic_write_json(out, sidecar)
+        self._results.update(out_file=str(out), metrics=sidecar["Metrics"])
+        return runtime
+
+
+def stage_files(in_files: list[str], rel_paths: list[str], stage_dir: str | os.PathLike,
+                json_files: dict[str, dict] | None = None) -> list[str]:
+    """Copy each ``in_files[i]`` to ``stage_dir/rel_paths[i]`` and write each ``json_files`` entry (relative path
+    -> content), all atomically; returns the staged paths."""
+    if len(in_files) != len(rel_paths):
+        raise ValueError(f"{len(in_files)} files for {len(rel_paths)} names")
+    out = [str(atomic_copy(src, Path(stage_dir) / rel)) for src, rel in zip(in_files, rel_paths)]
+    for rel, content in (json_files or {}).items():
+        out.append(str(atomic_write_json(Path(stage_dir) / rel, content)))
+    return out
+
+
+class _SinkInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="files to stage")
+    rel_paths = traits.List(traits.Str, mandatory=True, desc="their BIDS-Derivatives paths, same order")
+    stage_dir = traits.Str(mandatory=True, desc="the participant's staging folder")
+    json_files = traits.Dict(usedefault=True, desc="small sidecars to write: relative path -> JSON content")
+
+
+class _SinkOutputSpec(TraitedSpec):
+    out_files = traits.List(traits.Str, desc="staged files")
+
+
+class DerivativesSink(SimpleInterface):
+    """Stage outputs under their derivative names (:func:`stage_files`); committed when the participant succeeds."""
+
+    input_spec = _SinkInputSpec
+    output_spec = _SinkOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        self._results["out_files"] = stage_files(list(self.inputs.in_files), list(self.inputs.rel_paths),
+                                                 self.inputs.stage_dir, self.inputs.json_files)
+        return runtime

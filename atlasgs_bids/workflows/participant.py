@@ -1,0 +1,142 @@
+"""Participant workflow: T1w reorient -> brain mask -> Gaussian scaffold -> one target workflow per target."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from atlasgs_bids.bids import derivatives as bd
+from atlasgs_bids.bids.layout import SubjectInputs
+from atlasgs_bids.config import Config
+from atlasgs_bids.interfaces.anat import BrainMask, Reorient
+from atlasgs_bids.interfaces.bids import DerivativesSink
+from atlasgs_bids.interfaces.fitting import FitScaffold
+from atlasgs_bids.workflows.target import init_target_wf, resolve_device
+
+
+def mask_method(subject_inputs: SubjectInputs, config: Config) -> str:
+    """``skull_stripped`` (``--skull-stripped``) > ``precomputed`` (a mask found in ``--derivatives``) > ``deepbet``."""
+    if config.execution.skull_stripped:
+        return "skull_stripped"
+    if subject_inputs.t1w_mask is not None:
+        return "precomputed"
+    return "deepbet"
+
+
+def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_dir: str | Path | None = None,
+                        name: str | None = None) -> pe.Workflow:
+    """Harmonise every target of one subject/session onto its T1w grid.
+
+    Workflow Graph
+        .. workflow::
+
+            import tempfile
+            from pathlib import Path
+            from atlasgs_bids.bids.layout import collect_inputs
+            from atlasgs_bids.config import Config
+            from atlasgs_bids.data.sample import build_sample_dataset
+            from atlasgs_bids.workflows.participant import init_participant_wf
+            bids = build_sample_dataset(Path(tempfile.mkdtemp())).bids_dir
+            config = Config.build(bids_dir=bids, output_dir="/tmp/out", analysis_level="participant", device="cpu")
+            wf = init_participant_wf(subject_inputs=collect_inputs(bids)[0], config=config)
+
+    Parameters
+    ----------
+    subject_inputs : SubjectInputs
+        The T1w, its targets, and a precomputed mask if one was found.
+    config : Config
+        The run's settings (quality, seed, device, threads, ``--skull-stripped``).
+    stage_dir : path, optional
+        The participant's staging folder; when given, sinks stage every output under its BIDS-Derivatives name
+        (moved into the output dataset by the caller once the workflow succeeded).
+    name : str, optional
+        Default ``sub_<id>[_ses_<id>]_wf``.
+
+    Inputs
+    ------
+    t1w_file : the raw T1w (set at build time)
+    t1w_mask : precomputed brain mask (optional)
+
+    Outputs
+    -------
+    t1w_preproc : RAS+ T1w, the reference grid
+    brain_mask : uint8 mask on that grid
+    scaffold : the scaffold ``.npz``
+    report : reserved for the participant report (issue 4); unset
+
+    See Also
+    --------
+    atlasgs_bids.workflows.target.init_target_wf
+    """
+    si = subject_inputs
+    default = f"sub_{si.subject}" + (f"_ses_{si.session}" if si.session else "") + "_wf"
+    wf = pe.Workflow(name=name or default.replace("-", "_"))
+    method = mask_method(si, config)
+    device = resolve_device(config.resources.device)
+    threads = config.resources.omp_nthreads
+    mask_text = {"skull_stripped": "taken as the non-zero voxels of the (already skull-stripped) T1w",
+                 "precomputed": f"taken from {si.t1w_mask.name if si.t1w_mask else ''}",
+                 "deepbet": "computed with deepbet"}[method]
+    wf.__desc__ = (
+        f"The T1w ({si.t1w.name}) was reoriented to RAS+; its brain mask was {mask_text}. A 3D Gaussian scaffold "
+        f"was fitted to the brain-masked T1w (quality preset '{config.fit.quality}', seed {config.fit.seed}, "
+        f"device {device}) and reused for every target ({', '.join(t.path.name for t in si.targets)})."
+    )
+
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_file", "t1w_mask"]), name="inputnode")
+    inputnode.inputs.t1w_file = str(si.t1w)
+    if si.t1w_mask is not None:
+        inputnode.inputs.t1w_mask = str(si.t1w_mask)
+    outputnode = pe.Node(niu.IdentityInterface(fields=["t1w_preproc", "brain_mask", "scaffold", "report"]),
+                         name="outputnode")
+    reorient = pe.Node(Reorient(), name="t1w_reorient")
+    brain_mask = pe.Node(BrainMask(method=method, device=device), name="brain_mask", n_procs=threads)
+    scaffold = pe.Node(FitScaffold(quality=config.fit.quality, seed=config.fit.seed, device=device,
+                                   threads=threads), name="fit_scaffold", n_procs=threads)
+    wf.connect([
+        (inputnode, reorient, [("t1w_file", "in_file")]),
+        (reorient, brain_mask, [("out_file", "in_file")]),
+        (reorient, scaffold, [("out_file", "t1w_file")]),
+        (brain_mask, scaffold, [("out_file", "mask_file")]),
+        (reorient, outputnode, [("out_file", "t1w_preproc")]),
+        (brain_mask, outputnode, [("out_file", "brain_mask")]),
+        (scaffold, outputnode, [("out_file", "scaffold")]),
+    ])
+    if method == "precomputed":
+        wf.connect(inputnode, "t1w_mask", brain_mask, "mask_file")
+
+    if stage_dir is not None:
+        merge = pe.Node(niu.Merge(4), name="merge_anat")
+        sink = pe.Node(DerivativesSink(stage_dir=str(stage_dir), rel_paths=[
+            p.as_posix() for p in (bd.t1w_preproc_output(si.t1w), bd.brain_mask_output(si.t1w),
+                                   bd.scaffold_output(si.t1w), bd.scaffold_output(si.t1w, ".json"))],
+            json_files={bd.t1w_preproc_output(si.t1w).as_posix().replace(".nii.gz", ".json"): {
+                "SkullStripped": bool(config.execution.skull_stripped),
+                "Sources": [bd.bids_uri(si.t1w, config.execution.bids_dir)],
+                "Description": "The T1w reoriented to RAS+ (data unchanged): the grid of every output"}}),
+            name="ds_anat")
+        wf.connect([
+            (reorient, merge, [("out_file", "in1")]),
+            (brain_mask, merge, [("out_file", "in2")]),
+            (scaffold, merge, [("out_file", "in3"), ("out_json", "in4")]),
+            (merge, sink, [("out", "in_files")]),
+        ])
+
+    for target in si.targets:
+        twf = init_target_wf(target=target, config=config, t1w_file=si.t1w, stage_dir=stage_dir)
+        wf.connect([
+            (reorient, twf, [("out_file", "inputnode.t1w_preproc")]),
+            (brain_mask, twf, [("out_file", "inputnode.brain_mask")]),
+            (scaffold, twf, [("out_file", "inputnode.scaffold")]),
+        ])
+    return wf
+
+
+def methods_text(wf: pe.Workflow) -> str:
+    """The ``__desc__`` paragraphs of ``wf`` and its sub-workflows, parent first then in graph order."""
+    paragraphs = [getattr(wf, "__desc__", "")]
+    for node in wf._graph.nodes():  # noqa: SLF001 - nipype exposes no public iterator over sub-workflows
+        if isinstance(node, pe.Workflow):
+            paragraphs.append(methods_text(node))
+    return "\n\n".join(p for p in paragraphs if p)

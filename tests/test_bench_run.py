@@ -1,0 +1,96 @@
+"""The benchmark driver: options, outputs (bench.json, bench.md, PNGs) on a tiny crop of the MNI152 pair."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+
+from atlasgs_bids.bench import cases, run
+
+KEYS = {"factor", "degradation", "method", "quality", "psnr", "ssim", "mae", "seconds", "peak_rss_mb", "peak_gpu_mb"}
+
+
+def test_add_arguments_defaults():
+    args = run.add_arguments(argparse.ArgumentParser()).parse_args(["--data", "d", "--out", "o"])
+    assert args.factors == [3, 5, 7]
+    assert args.degradations == ["gaussian", "atlasgs"]
+    assert args.methods == list(run.METHODS)
+    assert (args.quality, args.device, args.crop, args.seed) == ("default", "auto", None, 0)
+    with pytest.raises(SystemExit):
+        run.add_arguments(argparse.ArgumentParser()).parse_args(["--data", "d", "--out", "o", "--methods", "magic"])
+
+
+def test_missing_data_is_input_error(tmp_path):
+    assert run.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+
+
+def test_peak_memory_sees_an_allocation():
+    with run.PeakMemory("cpu") as mem:
+        block = np.ones(50 * 2**20 // 8)  # 50 MB
+        block[::512] += 1  # touch the pages
+    assert mem.peak_gpu_mb is None
+    assert mem.peak_rss_mb >= block.nbytes / 2**20
+
+
+def test_bench_crop24_writes_outputs(shared_data, tmp_path):
+    out = tmp_path / "bench"
+    code = run.main(["--data", str(shared_data / "mni152-hcp"), "--factors", "3", "--crop", "24", "--device", "cpu",
+                     "--methods", "linear", "cubic", "guided-filter", "voxel-basis", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report) == {"machine", "device", "cases"}
+    assert {"cpu", "cores", "memory_gb", "python", "torch", "os"} <= set(report["machine"])
+    assert report["device"] == "cpu"
+    rows = report["cases"]
+    assert [(r["degradation"], r["method"]) for r in rows] == [
+        (d, m) for d in ("gaussian", "atlasgs") for m in ("linear", "cubic", "guided-filter", "voxel-basis")]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["factor"] == 3 and r["quality"] == "default" and r["peak_gpu_mb"] is None
+        assert r["seconds"] >= 0 and r["peak_rss_mb"] > 0 and 0 < r["ssim"] <= 1 and r["mae"] > 0
+    psnr = {(r["degradation"], r["method"]): r["psnr"] for r in rows}
+    for d in ("gaussian", "atlasgs"):  # measured on this crop: 26.0 < 27.4 < 30.8 < 34.5 dB
+        assert psnr[d, "linear"] < psnr[d, "cubic"] < psnr[d, "guided-filter"] < psnr[d, "voxel-basis"]
+    gf = next(r for r in rows if r["method"] == "guided-filter")
+    assert gf["params"]["oracle_tuned"] and {"radius", "radius_slices", "eps"} <= set(gf["params"])
+    md = (out / "bench.md").read_text()
+    assert "| factor | degradation | method |" in md and "gain vs cubic" in md and md.count("voxel-basis") >= 3
+    for d in ("gaussian", "atlasgs"):
+        png = matplotlib.image.imread(str(out / f"bench_x3_{d}.png"))
+        assert png.ndim == 3 and png.shape[0] > 100 and png.std() > 0
+
+
+def test_crop_keeps_world_positions(shared_data):
+    full = cases.load_subject(shared_data / "mni152-hcp")
+    crop = cases.load_subject(shared_data / "mni152-hcp", crop=24)
+    assert crop.shape == (24, 24, full.shape[2])
+    i0, j0 = (full.shape[0] - 24) // 2, (full.shape[1] - 24) // 2
+    np.testing.assert_array_equal(crop.t2w, full.t2w[i0:i0 + 24, j0:j0 + 24])
+    np.testing.assert_allclose(crop.affine @ [0, 0, 5, 1], full.affine @ [i0, j0, 5, 1])
+
+
+@pytest.mark.slow
+def test_core_methods_run_when_core_present(shared_data):
+    # Integration with the real core on a small crop, with a short scaffold fit (the presets take minutes here).
+    core = run.load_core()
+    if core is None:
+        pytest.skip("atlasgs core (atlasgs_bids.gaussians.scaffold/appearance/render) not importable yet")
+    subject = cases.load_subject(shared_data / "mni152-hcp", crop=16)
+    sl = (slice(None), slice(None), slice(60, 100))  # 40 slices through the brain
+    subject = cases.Subject(t1w=subject.t1w[sl].copy(), t2w=subject.t2w[sl].copy(), mask=subject.mask[sl].copy(),
+                            affine=subject.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 60], [0, 0, 0, 1.]]))
+    opts = core.ScaffoldOptions(steps=20, densify_every=10, densify_until=15)
+    scaffold = run._fit_scaffold(core, subject.t1w, subject, "fast", 0, "cpu", opts)
+    case = cases.make_case(subject, 3, "gaussian")
+    rows, preds = run.run_case(case, subject, ["cubic", "atlasgs", "atlasgs-noguide"], quality="fast",
+                               device="cpu", lam=run.DEFAULT_LAMBDA, h=run.DEFAULT_H, core=core, scaffold=scaffold,
+                               scaffold_options=opts)
+    assert [r["method"] for r in rows] == ["cubic", "atlasgs", "atlasgs-noguide"]
+    for r in rows:
+        assert np.isfinite(r["psnr"]) and r["psnr"] > 10 and r["seconds"] >= 0
+    assert rows[1]["params"]["n_gaussians"] == scaffold.n_gaussians
+    assert "scaffold_seconds" in rows[2]["params"]
+    assert all(p.shape == subject.shape and np.isfinite(p).all() for p in preds.values())

@@ -1,0 +1,192 @@
+"""CLI parsing, exit codes and refusals (real pybids, real bids-validator-deno, real nipype)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from atlasgs_bids import cli
+from atlasgs_bids.config import Config
+from atlasgs_bids.interfaces.progress import Progress
+
+from test_layout import ISO, THICK, make_bids
+
+
+def _args(bids: Path, out: Path, *extra: str) -> list[str]:
+    return [str(bids), str(out), "participant", *extra]
+
+
+def test_parse_defaults_and_prefix_stripping(tmp_path):
+    bids = make_bids(tmp_path / "b", {})
+    opts = cli.parse_args(_args(bids, tmp_path / "o", "--participant-label", "sub-01", "02",
+                                "--session_label", "ses-a", "--modalities", "PDw", "dwi", "PDw"))
+    assert opts.participant_label == ["01", "02"] and opts.session_label == ["a"]
+    assert opts.modalities == ["PDw", "dwi"]
+    cfg = cli.build_config(opts)
+    assert cfg.execution.participant_label == ("01", "02")
+    assert (cfg.fit.quality, cfg.fit.seed, cfg.resources.device, cfg.resources.nprocs) == ("default", 0, "auto", 1)
+    opts = cli.parse_args(_args(bids, tmp_path / "o", "--nprocs", "3", "--omp_nthreads", "2", "--mem-gb", "8",
+                                "--device", "cpu", "--quality", "fast", "--seed", "7", "--skull-stripped",
+                                "--skip_bids_validation", "--reports-only", "-w", str(tmp_path / "w")))
+    cfg = cli.build_config(opts)
+    assert (cfg.resources.nprocs, cfg.resources.omp_nthreads, cfg.resources.mem_gb) == (3, 2, 8.0)
+    assert cfg.execution.skull_stripped and cfg.execution.skip_bids_validation and cfg.execution.reports_only
+    assert cfg.execution.work_dir == tmp_path / "w"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quality", "ultra"], "invalid choice: 'ultra'"),
+    (["--nprocs", "0"], "must be a positive integer"),
+    (["--modalities", "T1w"], "invalid choice: 'T1w'"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_usage_errors_exit_2(tmp_path, capsys, extra, message):
+    bids = make_bids(tmp_path / "b", {})
+    assert cli.main(_args(bids, tmp_path / "o", *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_output_or_work_dir_inside_bids(tmp_path, capsys):
+    bids = make_bids(tmp_path / "b", {})
+    assert cli.main(_args(bids, bids)) == 2
+    assert "is the BIDS dataset or inside it" in capsys.readouterr().err
+    assert cli.main(_args(bids, bids / "derivatives" / "atlasgs")) == 2
+    assert cli.main(_args(bids, tmp_path / "o", "--work-dir", str(bids / "work"))) == 2
+    assert "--work-dir" in capsys.readouterr().err
+    assert not (bids / "derivatives").exists() and not (bids / "work").exists()
+
+
+def test_bad_filter_file_exit_2(tmp_path, capsys):
+    bids = make_bids(tmp_path / "b", {})
+    f = tmp_path / "f.json"
+    f.write_text('{"T1w": {}}')
+    assert cli.main(_args(bids, tmp_path / "o", "--bids-filter-file", str(f))) == 2
+    assert "unknown query keys" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys):
+    assert cli.main(["--version"]) == 0
+    assert "atlasgs-bids" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--participant-label", "--bids-filter-file", "--skull-stripped", "--derivatives", "--quality",
+                   "--device", "--omp-nthreads", "--mem-gb", "--reports-only", "--work-dir"):
+        assert option in text
+
+
+def test_fetal_stacks_no_t1w_exit_2_nothing_written(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_args(shared_data / "bids-fetal-stacks", out)) == 2
+    err = capsys.readouterr().err
+    assert "no T1w image for sub-01" in err and "Traceback" not in err
+    assert not out.exists() or not list(out.glob("sub-*"))
+
+
+def test_tcia_not_bids_exit_2(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_args(shared_data / "tcia-glioma-thick", out)) == 2
+    err = capsys.readouterr().err
+    assert "MISSING_DATASET_DESCRIPTION" in err and "not a valid BIDS dataset" in err
+    assert cli.main(_args(shared_data / "tcia-glioma-thick", out, "--skip-bids-validation")) == 2
+    assert "not a BIDS dataset (no dataset_description.json)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_input_error_traceback_only_with_verbose(tmp_path, capsys):
+    bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T2w.nii.gz": THICK})
+    assert cli.main(_args(bids, tmp_path / "o", "--skip-bids-validation")) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert cli.main(_args(bids, tmp_path / "o", "--skip-bids-validation", "-v")) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_input_error_in_a_node_exit_2_leaves_no_partial_outputs(tmp_path, capsys):
+    """An all-zero T1w passes discovery (headers only) and is refused by the reorient node (load_nifti): the
+    participant fails with the InputError's one-line message, exit 2, and no sub-* is written."""
+    bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T2w.nii.gz": THICK})
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
+    out = tmp_path / "out"
+    rc = cli.main(_args(bids, out, "--skip-bids-validation", "--skull-stripped", "--device", "cpu",
+                        "-w", str(tmp_path / "work")))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "sub-01: input error: InputError: " in err and "sub-01_T1w.nii.gz" in err
+    assert "t1w_reorient: failed after" in err
+    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "dataset_description.json", "logs"]
+    status = json.loads((out / "logs" / "sub-01_status.json").read_text())
+    assert status["status"] == "failed" and status["input_error"] is True
+    (toml,) = (out / "logs").glob("config-*.toml")
+    assert Config.from_toml(toml.read_text()).execution.skull_stripped is True
+
+
+def test_processing_failure_exit_1_with_traceback(tmp_path, capsys):
+    """A failure that is not the user's input (here: the work dir cannot be created) exits 1 with a traceback."""
+    bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T1w.nii.gz": ISO, "sub-01/anat/sub-01_T2w.nii.gz": THICK})
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = cli.main(_args(bids, tmp_path / "out", "--skip-bids-validation", "--device", "cpu",
+                        "-w", str(blocker / "work")))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "processing failed" in err and "Traceback" in err
+    assert not list((tmp_path / "out").glob("sub-*"))
+
+
+def test_config_toml_roundtrip(tmp_path):
+    cfg = Config.build(bids_dir=tmp_path / "b", output_dir=tmp_path / "o", analysis_level="group",
+                       participant_label=["01"], bids_filters={"t1w": {"acquisition": None, "run": 2}},
+                       derivatives=[tmp_path / "m"], mem_gb=4.5, quality="best", seed=3)
+    back = Config.from_toml(cfg.save(tmp_path / "c.toml").read_text())
+    assert back == cfg
+    with pytest.raises(TypeError, match="unknown config field"):
+        Config.build(bids_dir="/b", output_dir="/o", analysis_level="participant", colour="red")
+
+
+class _TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_tty_lines_otherwise():
+    tty, batch = _TTY(), io.StringIO()
+    for stream in (tty, batch):
+        p = Progress("scaffold", stream=stream, every=5)
+        for step in range(1, 11):
+            p(step, 10, 0.25)
+    assert tty.getvalue().count("\r") == 10 and "[##############################] 10/10" in tty.getvalue()
+    assert batch.getvalue().splitlines() == ["scaffold: step 5/10 (50%) loss 0.25",
+                                             "scaffold: step 10/10 (100%) loss 0.25"]
+
+
+def test_stage_logs_duration(caplog):
+    cli.setup_logging(0)
+    logger = logging.getLogger("atlasgs")
+    logger.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="atlasgs"):
+            with cli.stage("discovery"):
+                pass
+        assert any(r.getMessage().startswith("discovery: done in ") for r in caplog.records)
+    finally:
+        logger.propagate = False
+
+
+def test_bench_subcommand_dispatch(capsys):
+    pytest.importorskip("atlasgs_bids.bench.run", reason="bench runner not written yet")
+    assert cli.main(["bench", "--help"]) == 0
+    assert "atlasgs-bids bench" in capsys.readouterr().out
+
+
+def test_reports_only_fits_nothing(tmp_path, capsys):
+    bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T1w.nii.gz": ISO, "sub-01/anat/sub-01_T2w.nii.gz": THICK})
+    out = tmp_path / "out"
+    assert cli.main(_args(bids, out, "--skip-bids-validation", "--reports-only", "--device", "cpu",
+                          "--quality", "fast")) == 0
+    assert not list(out.glob("sub-*")) and not list(out.glob(".staging-*"))
+    text = (out / "logs" / "sub-01_methods.txt").read_text()
+    assert "quality preset 'fast'" in text and "sub-01_T2w.nii.gz" in text
