@@ -119,8 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("Performance")
     g.add_argument("--nprocs", "--n-cpus", "--nthreads", dest="nprocs", type=pi, default=1,
                    help="Nipype MultiProc processes within one participant")
-    g.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=pi, default=1,
-                   help="threads per process (torch, ANTs)")
+    g.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=pi, default=None,
+                   help="threads per process (torch, ANTs) (default: $OMP_NUM_THREADS when set, else the number of "
+                        "CPU cores)")
     g.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=pf, default=None,
                    help="memory (GB) the scheduler may plan for (default: nipype's, 90%% of the machine)")
     g.add_argument("--device", choices=DEVICES, default="auto", help="torch device for fitting; auto = CUDA if "
@@ -171,7 +172,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--work-dir <{opts.work_dir}> is inside the BIDS dataset; put it elsewhere, e.g. "
                          f"<{opts.bids_dir.parent / 'work'}>")
     opts.modalities = list(dict.fromkeys(opts.modalities))
+    if opts.omp_nthreads is None:
+        opts.omp_nthreads = default_omp_nthreads()
     return opts
+
+
+def default_omp_nthreads() -> int:
+    """Threads per process when ``--omp-nthreads`` is not given: ``$OMP_NUM_THREADS`` if it is a positive integer,
+    else the CPU cores this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def build_config(opts: argparse.Namespace) -> Config:
@@ -194,8 +209,26 @@ def setup_logging(verbose: int = 0) -> None:
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     LOGGER.propagate = False
+    global _NIPYPE_LEVEL
+    _NIPYPE_LEVEL = "INFO" if verbose else "WARNING"
+    quiet_nipype()
+
+
+_NIPYPE_LEVEL = "WARNING"
+
+
+def quiet_nipype() -> None:
+    """Apply the nipype log level chosen by :func:`setup_logging` (INFO with ``-v``, else WARNING).
+
+    Importing nipype resets its loggers to its config's INFO, so this is applied again once nipype is imported
+    (and written into nipype's config, which its plugins re-read)."""
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(_NIPYPE_LEVEL)
+    if "nipype" in sys.modules:
+        from nipype import config as nipype_config
+
+        for key in ("workflow_level", "interface_level", "utils_level"):
+            nipype_config.set("logging", key, _NIPYPE_LEVEL)
 
 
 @contextlib.contextmanager
@@ -223,9 +256,13 @@ class NodeTimer:
         if status == "start":
             self.started[key] = time.perf_counter()
         elif status in ("end", "exception"):
+            short = key.split(".", 1)[-1]
+            if key not in self.started and status == "end":  # found in --work-dir: nipype never started it
+                self.seconds[key] = 0.0
+                LOGGER.info("%s%s: cached (work dir)", self.prefix, short)
+                return
             dt = time.perf_counter() - self.started.pop(key, time.perf_counter())
             self.seconds[key] = dt
-            short = key.split(".", 1)[-1]
             if status == "end":
                 LOGGER.info("%s%s: done in %.1f s", self.prefix, short, dt)
             else:
@@ -268,6 +305,7 @@ def run_participant_level(config: Config) -> int:
     from atlasgs_bids.workflows.participant import init_participant_wf, methods_text
     from atlasgs_bids.workflows.target import resolve_device
 
+    quiet_nipype()  # nipype was just imported: its loggers are back at INFO
     ex = config.execution
     if not ex.skip_bids_validation:
         from atlasgs_bids.bids.validate import validate_dataset
@@ -287,6 +325,7 @@ def run_participant_level(config: Config) -> int:
 
     bd.write_dataset_description(ex.output_dir, ex.bids_dir, __version__)
     bd.write_bidsignore(ex.output_dir)
+    bd.write_readme(ex.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config.save(ex.log_dir / f"config-{stamp}-{os.getpid()}.toml")
     own_work = ex.work_dir is None
@@ -373,10 +412,12 @@ def _demo_main(argv: Sequence[str]) -> int:
     from atlasgs_bids.data.sample import build_sample_dataset
 
     out = opts.out_dir.expanduser().absolute()
+    t0 = time.perf_counter()
     with stage("demo: sample dataset"):
         info = build_sample_dataset(out)
     deriv = out / "derivatives"
-    common = ["--quality", opts.quality, "--nprocs", str(opts.nprocs), "--device", opts.device,
+    # the sample T1w is the skull-stripped MNI template: its mask is T1w > 0 (deepbet is not needed)
+    common = ["--quality", opts.quality, "--nprocs", str(opts.nprocs), "--device", opts.device, "--skull-stripped",
               "-w", str(out / "work")] + ["-v"] * opts.verbose
     rc = main([str(info.bids_dir), str(deriv), "participant", *common])
     if rc != EXIT_OK:
@@ -385,6 +426,7 @@ def _demo_main(argv: Sequence[str]) -> int:
     if rc != EXIT_OK:
         return rc
     print(demo_summary(info, deriv))
+    print(f"  total time:   {time.perf_counter() - t0:.0f} s")
     return EXIT_OK
 
 
@@ -396,7 +438,7 @@ def demo_summary(info, deriv: Path) -> str:
 
     from atlasgs_bids.bids import derivatives as bd
     from atlasgs_bids.imaging import metrics
-    from atlasgs_bids.imaging.transforms import read_itk_affine
+    from atlasgs_bids.imaging.transforms import read_itk_affine, rotation_angle_deg
 
     ours_path = deriv / bd.target_output(info.t2w)
     xfm_path = deriv / bd.xfm_output(info.t2w)
@@ -413,8 +455,15 @@ def demo_summary(info, deriv: Path) -> str:
     vox2vox = np.linalg.inv(t2w_img.affine) @ t1w2target @ truth_img.affine
     cubic = ndimage.affine_transform(t2w_img.get_fdata(dtype=np.float32), vox2vox[:3, :3], vox2vox[:3, 3],
                                      output_shape=truth.shape, order=3, mode="nearest")
+    # registration error against the known transform: angle of R_true^T R_est, and the displacement of the brain's
+    # centre (mm) between the true and the estimated T1w -> target maps
+    true_t1w2target = np.linalg.inv(info.target2t1w)
+    centre = truth_img.affine @ np.r_[ndimage.center_of_mass(mask), 1.0]
+    angle = rotation_angle_deg(true_t1w2target[:3, :3].T @ t1w2target[:3, :3])
+    shift = float(np.linalg.norm((t1w2target @ centre - true_t1w2target @ centre)[:3]))
     lines = ["", "atlasgs-bids demo", f"  input BIDS:   {info.bids_dir}", f"  derivatives:  {deriv}",
              f"  harmonized:   {ours_path}", f"  transform:    {xfm_path}", f"  group QC:     {deriv / 'group_qc.tsv'}",
+             f"  registration: {angle:.2f} deg, {shift:.2f} mm at the brain centre from the true transform",
              "", f"  {'method':<10} {'PSNR (dB)':>10} {'MAE':>10}   (vs ground truth, in the brain mask)"]
     for name, pred in (("atlasgs", ours), ("cubic", cubic)):
         lines.append(f"  {name:<10} {metrics.psnr(pred, truth, mask):>10.2f} {metrics.mae(pred, truth, mask):>10.3f}")

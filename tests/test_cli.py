@@ -117,7 +117,7 @@ def test_input_error_in_a_node_exit_2_leaves_no_partial_outputs(tmp_path, capsys
     assert rc == 2, err
     assert "sub-01: input error: InputError: " in err and "sub-01_T1w.nii.gz" in err
     assert "t1w_reorient: failed after" in err
-    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "dataset_description.json", "logs"]
+    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "README.md", "dataset_description.json", "logs"]
     status = json.loads((out / "logs" / "sub-01_status.json").read_text())
     assert status["status"] == "failed" and status["input_error"] is True
     (toml,) = (out / "logs").glob("config-*.toml")
@@ -190,3 +190,30 @@ def test_reports_only_fits_nothing(tmp_path, capsys):
     assert not list(out.glob("sub-*")) and not list(out.glob(".staging-*"))
     text = (out / "logs" / "sub-01_methods.txt").read_text()
     assert "quality preset 'fast'" in text and "sub-01_T2w.nii.gz" in text
+
+
+def test_omp_nthreads_default_from_environment(tmp_path, monkeypatch):
+    bids = make_bids(tmp_path / "b", {})
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.parse_args(_args(bids, tmp_path / "o")).omp_nthreads == 3
+    assert cli.parse_args(_args(bids, tmp_path / "o", "--omp-nthreads", "1")).omp_nthreads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert cli.parse_args(_args(bids, tmp_path / "o")).omp_nthreads >= 1
+
+
+def test_node_timer_logs_cached_nodes(caplog):
+    class _Node:
+        fullname = "sub_01_wf.T2w_wf.harmonize"
+
+    timer = cli.NodeTimer("sub-01 ")
+    with caplog.at_level(logging.INFO, logger="atlasgs"):
+        cli.LOGGER.propagate = True
+        try:
+            timer(_Node(), "end")  # never started: reused from the work dir
+            timer(_Node(), "start")
+            timer(_Node(), "end")
+        finally:
+            cli.LOGGER.propagate = False
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "sub-01 T2w_wf.harmonize: cached (work dir)"
+    assert lines[1].startswith("sub-01 T2w_wf.harmonize: done in ") and "-0.0" not in lines[1]

@@ -169,3 +169,16 @@ def test_output_names_pass_bids_validator(tmp_path):
     bd.atomic_write_bytes(out / "group_qc.tsv", b"participant_id\tstatus\nsub-01\tok\n")
     report = run_validator(out)
     assert report.errors == {}, report.summary()
+
+
+def test_target_sidecar_runtime_total_and_acquisition():
+    sidecar = target_sidecar(
+        meta={}, sources=["bids:raw:sub-01/anat/sub-01_PDw.nii.gz"], spatial_reference="bids::x", modality="PDw",
+        parameters={"quality": "fast"}, registration={"metric": 0.4, "metric_name": "mattes_mi", "seconds": 10.0},
+        appearance={"seconds": 30.0, "seconds_build": 20.0, "render_seconds": 5.0, "iterations": 80,
+                    "final_relative_residual": 1e-4, "acquisition": {"slice_axis": 2, "slice_thickness_mm": 2.4}},
+        device="cpu", version="0.1.0")
+    assert sidecar["Runtime"] == {"registration_seconds": 10.0, "appearance_seconds": 30.0,
+                                  "appearance_seconds_build": 20.0, "render_seconds": 5.0, "total_seconds": 45.0}
+    assert sidecar["Parameters"]["acquisition"] == {"slice_axis": 2, "slice_thickness_mm": 2.4}
+    assert sidecar["Metrics"] == {"registration_mattes_mi": 0.4, "iterations": 80, "final_relative_residual": 1e-4}

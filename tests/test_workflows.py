@@ -189,3 +189,23 @@ def test_precomputed_mask_must_be_on_t1w_grid(tmp_path):
     write_nifti(tmp_path / "other.nii.gz", (2.0, 2.0, 2.0))
     with pytest.raises(InputError, match=r"other\.nii\.gz: this brain mask is not on the T1w's grid"):
         make_brain_mask(t1w, tmp_path / "m2.nii.gz", method="precomputed", mask_file=tmp_path / "other.nii.gz")
+
+
+def test_field_of_view_mask_rigid_slab():
+    """A 10-slice axial slab (3 mm) shifted 12 mm up and rotated 90 deg about z: exactly the T1w voxels whose
+    centres fall inside it are kept."""
+    from atlasgs_bids.interfaces.fitting import field_of_view_mask
+
+    t1w_aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    t1w_aff[:3, 3] = -20.0
+    target_aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    target_aff[:3, 3] = [-20.0, -20.0, -15.0]
+    rot = np.eye(4)
+    rot[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
+    rot[2, 3] = 12.0  # target world -> T1w world: rotate, then up 12 mm
+    m = field_of_view_mask(t1w_aff, (21, 21, 21), target_aff, (21, 21, 10), rot)
+    z = -20.0 + 2.0 * np.arange(21)
+    inside = (z >= -15.0 - 1.5 + 12.0) & (z <= -15.0 + 9 * 3.0 + 1.5 + 12.0)
+    # in plane the rotated slab (21 x 21 voxels of 2 mm) covers x, y in [-21, 21] mm: the whole T1w grid
+    assert np.array_equal(m.any(axis=(0, 1)), inside)
+    assert m[:, :, inside].all() and not m[:, :, ~inside].any()

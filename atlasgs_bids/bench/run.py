@@ -22,6 +22,7 @@ when the method started, so ``peak_rss_mb - rss_start_mb`` is the method's own i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, default=None,
                         help="central N x N in-plane column (full z) for quick runs, e.g. --crop 80")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the core")
+    parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
+                        help="scaffold geometry of the atlasgs methods (see docs/adr/0002-scaffold-geometry.md)")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="voxel-basis lambda")
     parser.add_argument("--h", type=float, default=DEFAULT_H, help="voxel-basis edge bandwidth on normalised T1w")
     return parser
@@ -171,8 +174,9 @@ def load_core():
                               AppearanceOptions=AppearanceOptions, fit_appearance=fit_appearance, render=render)
 
 
-def _fit_scaffold(core, image, subject, quality, seed, device, options=None):
-    options = core.ScaffoldOptions.preset(quality) if options is None else options
+def _fit_scaffold(core, image, subject, quality, seed, device, options=None, geometry="lattice"):
+    if options is None:
+        options = dataclasses.replace(core.ScaffoldOptions.preset(quality), geometry=geometry)
     return core.fit_scaffold(image, subject.affine, subject.mask, options, seed=seed, device=device)
 
 
@@ -365,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
         LOG.info("fitting the T1w scaffold once (quality %s) ...", args.quality)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            scaffold = _fit_scaffold(core, subject.t1w, subject, args.quality, args.seed, device)
+            scaffold = _fit_scaffold(core, subject.t1w, subject, args.quality, args.seed, device,
+                                     geometry=args.geometry)
             seconds = time.perf_counter() - t0
         report["cases"].append(_row(None, None, "atlasgs-scaffold", args.quality, device, {}, seconds, mem,
                                     {"n_gaussians": int(scaffold.n_gaussians)}))

@@ -245,6 +245,25 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
         Path(tmp).unlink(missing_ok=True)
 
 
+README_TEXT = """# atlasgs-bids derivatives
+
+Thick-slice contrasts (T2w, FLAIR, PDw, T2starw, dwi, asl) of each subject brought to the grid of the same
+subject's 3D T1w by atlasgs-bids (a Gaussian scaffold fitted to the T1w, per-target intensities fitted through the
+target's slice profile and a rigid registration). Per subject: `desc-preproc_T1w` (the output grid),
+`desc-brain_mask`, `desc-atlasgs_gaussians` (the scaffold), `space-T1w_desc-atlasgs_<suffix>` (each target, with a
+JSON sidecar: sources, method, parameters, metrics, runtime) and `from-<suffix>_to-T1w_mode-image_xfm.txt` (ITK).
+`logs/` holds the run settings, per-participant status and methods text; `group_qc.tsv` the group QC table.
+"""
+
+
+def write_readme(output_dir: str | os.PathLike) -> Path:
+    """Write the derivatives dataset's ``README.md`` (:data:`README_TEXT`) atomically unless one exists."""
+    path = Path(output_dir) / "README.md"
+    if path.exists():
+        return path
+    return atomic_write_bytes(path, README_TEXT.encode())
+
+
 #: Outputs the BIDS schema does not know yet (bids-validator-deno 3.0 reports them NOT_INCLUDED), as fMRIPrep does.
 BIDSIGNORE = ("logs/", "figures/", "*.html", "group_qc.tsv", "*_xfm.txt", "*_gaussians.npz", "*_gaussians.json")
 

@@ -24,6 +24,7 @@ from atlasgs_bids.gaussians.field import measure
 from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, target_vox2t1w, voxel_centres
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
+from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
 from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
 
@@ -130,8 +131,8 @@ def _overlap_normaliser(scaffold: Scaffold, covs: torch.Tensor, device: torch.de
     return 1.0 / density.clamp_min(1e-3)
 
 
-def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device) -> torch.Tensor:
-    """Sparse graph Laplacian [N, N] (CSR, float32) of the scaffold's kNN graph with T1w-similarity weights."""
+def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device) -> SparseMatrix:
+    """Sparse graph Laplacian [N, N] (float32) of the scaffold's kNN graph with T1w-similarity weights."""
     from scipy.spatial import cKDTree
 
     means = scaffold.means.numpy().astype(np.float64)
@@ -148,11 +149,12 @@ def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device) 
     j = np.concatenate([cols, rows])
     ww = np.concatenate([w, w]) * 0.5
     n = len(means)
-    wmat = torch.sparse_coo_tensor(torch.as_tensor(np.stack([i, j])), torch.as_tensor(ww, dtype=torch.float32), (n, n)).coalesce()
-    deg = torch.zeros(n).index_add_(0, wmat.indices()[0], wmat.values())
-    diag = torch.sparse_coo_tensor(torch.arange(n).repeat(2, 1), deg, (n, n))
-    lap = (diag - wmat).coalesce()
-    return lap.to_sparse_csr().to(device)
+    deg = np.bincount(i, weights=ww, minlength=n)
+    diag_idx = np.arange(n)
+    rows = np.concatenate([i, diag_idx])
+    cols = np.concatenate([j, diag_idx])
+    vals = np.concatenate([-ww, deg])
+    return SparseMatrix(torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(vals, dtype=torch.float32), (n, n), device)
 
 
 def fit_appearance(
@@ -216,10 +218,14 @@ def fit_appearance(
         basis, lams = s[:, None], [opts.lam]
     else:
         basis, lams = torch.stack([s, sc.amplitudes[:, 0]], dim=1), [opts.lam, opts.lam * opts.lam_ratio]
+    # Start from the PSF-weighted average of the measurements around each Gaussian (a splat, not a resampling).
+    splat = a_mat.rmatmul(y) / a_mat.rmatmul(torch.ones_like(y[:, :1])).clamp_min(1e-6)
+    v0 = torch.zeros(sc.n_gaussians, basis.shape[1], y.shape[1], device=device)
+    v0[:, 0] = splat
     coeffs, info = fit_coefficients(
-        a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol
+        a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0
     )
-    resid = y - a_mat @ coeffs
+    resid = y - a_mat.matmul(coeffs)
     seconds = time.perf_counter() - t0
     diagnostics = {
         "seconds": seconds,
@@ -229,7 +235,7 @@ def fit_appearance(
         "residual_rms": float(resid.pow(2).mean().sqrt()),
         "n_measurements": int(len(ijk)),
         "n_gaussians": sc.n_gaussians,
-        "nnz": int(a_mat.values().numel()),
+        "nnz": a_mat.nnz,
         "options": asdict(opts),
         "device": str(device),
     }

@@ -12,6 +12,7 @@ import torch
 
 from atlasgs_bids.gaussians.field import CUTOFF, MAX_PAIRS, blur, measure_pairs
 from atlasgs_bids.gaussians.spatial_hash import build_hash
+from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
 
 
@@ -42,7 +43,7 @@ def measurement_matrix(
     *,
     cutoff: float = CUTOFF,
     max_pairs: int = MAX_PAIRS,
-) -> torch.Tensor:
+) -> SparseMatrix:
     """The sparse operator A [M, N] with ``y = A a``: voxels ``ijk`` measured through the acquisition's PSF.
 
     Parameters
@@ -54,7 +55,7 @@ def measurement_matrix(
 
     Returns
     -------
-    torch sparse CSR tensor [M, N], float32, on the device of ``means``.
+    :class:`~atlasgs_bids.gaussians.sparse.SparseMatrix` [M, N], float32, on the device of ``means``.
     """
     device = means.device
     offsets, weights, fwhm = acquisition.sub_slices()
@@ -72,8 +73,11 @@ def measurement_matrix(
                 cols.append(g)
                 vals.append(v * float(w))
     m, n = ijk.shape[0], means.shape[0]
-    if not rows:
-        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, device=device), (m, n)).to_sparse_csr()
-    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
-    mat = torch.sparse_coo_tensor(idx, torch.cat(vals).float(), (m, n)).coalesce()
-    return mat.to_sparse_csr()
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return SparseMatrix(
+        torch.cat(rows) if rows else empty,
+        torch.cat(cols) if cols else empty,
+        torch.cat(vals) if vals else torch.zeros(0, device=device),
+        (m, n),
+        device,
+    )

@@ -13,35 +13,29 @@ from __future__ import annotations
 import torch
 
 from atlasgs_bids.gaussians.solve import conjugate_gradient
-
-
-def _sparse_diag(mat: torch.Tensor) -> torch.Tensor:
-    coo = mat.to_sparse_coo().coalesce()
-    on = coo.indices()[0] == coo.indices()[1]
-    return torch.zeros(mat.shape[0], device=mat.device, dtype=coo.values().dtype).index_add_(
-        0, coo.indices()[0][on], coo.values()[on]
-    )
+from atlasgs_bids.gaussians.sparse import SparseMatrix
 
 
 def fit_coefficients(
-    a_mat: torch.Tensor,
+    a_mat: SparseMatrix,
     y: torch.Tensor,
     basis: torch.Tensor,
     *,
-    laplacian: torch.Tensor | None = None,
+    laplacian: SparseMatrix | None = None,
     lams: list[float] | None = None,
     ridge: float = 0.0,
     max_iter: int = 400,
     tol: float = 1e-4,
+    v0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` (CSR [M, N]).
+    """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` ([M, N]).
 
+    ``v0`` [N, nb, V] is an optional starting point (the minimiser does not depend on it, the iteration count does).
     Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history).
     """
     n, nb = basis.shape
     n_vol = y.shape[1]
     device = y.device
-    a_t = a_mat.to_sparse_coo().t().coalesce().to_sparse_csr()
     lam_t = torch.tensor(lams if lams is not None else [0.0] * nb, device=device, dtype=y.dtype)
 
     # Unknowns are laid out [N * nb, V]: row i * nb + k is channel k of Gaussian i; one column per volume.
@@ -49,20 +43,25 @@ def fit_coefficients(
         return (basis[:, :, None] * v.view(n, nb, n_vol)).sum(1)
 
     def adjoint(r: torch.Tensor) -> torch.Tensor:
-        return (basis[:, :, None] * (a_t @ r)[:, None, :]).reshape(-1, n_vol)
+        return (basis[:, :, None] * a_mat.rmatmul(r)[:, None, :]).reshape(-1, n_vol)
 
     def normal(v: torch.Tensor) -> torch.Tensor:
-        out = adjoint(a_mat @ expand(v)) + ridge * v
+        out = adjoint(a_mat.matmul(expand(v))) + ridge * v
         if laplacian is not None:
-            reg = lam_t[None, :, None] * (laplacian @ v.view(n, nb * n_vol)).view(n, nb, n_vol)
+            reg = lam_t[None, :, None] * laplacian.matmul(v.reshape(n, nb * n_vol)).view(n, nb, n_vol)
             out = out + reg.reshape(-1, n_vol)
         return out
 
-    col_sq = torch.zeros(n, device=device, dtype=y.dtype).index_add_(0, a_mat.col_indices(), a_mat.values() ** 2)
+    col_sq = a_mat.column_sq_sums().to(device)
     diag = basis**2 * col_sq[:, None] + ridge
     if laplacian is not None:
-        diag = diag + lam_t[None, :] * _sparse_diag(laplacian)[:, None]
+        diag = diag + lam_t[None, :] * laplacian.diagonal().to(device)[:, None]
     v, info = conjugate_gradient(
-        normal, adjoint(y), 1.0 / diag.reshape(-1).clamp_min(1e-8), max_iter=max_iter, tol=tol
+        normal,
+        adjoint(y),
+        1.0 / diag.reshape(-1).clamp_min(1e-8),
+        x0=None if v0 is None else v0.reshape(-1, n_vol),
+        max_iter=max_iter,
+        tol=tol,
     )
     return expand(v), info

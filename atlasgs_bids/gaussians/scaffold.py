@@ -70,11 +70,15 @@ class ScaffoldOptions:
 
     @classmethod
     def preset(cls, quality: str) -> "ScaffoldOptions":
-        """``fast``, ``default`` or ``best`` (chosen by the benchmark, see docs/adr)."""
+        """``fast``, ``default`` or ``best``.
+
+        The default lattice geometry has nothing to optimise, so the presets differ only in the Adam budget of the
+        adaptive geometry (``dataclasses.replace(preset, geometry="adaptive")``); see docs/adr/0002.
+        """
         presets = {
-            "fast": cls(),
-            "default": cls(),
-            "best": cls(),
+            "fast": cls(steps=100, densify_every=50, densify_until=50),
+            "default": cls(steps=300, densify_every=100, densify_until=200),
+            "best": cls(steps=1000, densify_every=100, densify_until=700),
         }
         if quality not in presets:
             raise ValueError(f"unknown quality {quality!r}: use one of {sorted(presets)}")

@@ -19,14 +19,14 @@ class SpatialHash:
     Attributes
     ----------
     origin : [3] float, world mm (the frame of the Gaussians' means)
-    cell_mm : float, cell edge length in mm
+    cell_mm : [3] float, cell edge lengths along x, y, z in mm (anisotropic: thick-slice PSFs are long in one axis)
     dims : (3,) int, number of cells along x, y, z
     starts : [n_cells + 1] int64, CSR offsets into ``items``
     items : [E] int64, Gaussian indices sorted by cell
     """
 
     origin: torch.Tensor
-    cell_mm: float
+    cell_mm: torch.Tensor
     dims: tuple[int, int, int]
     starts: torch.Tensor
     items: torch.Tensor
@@ -36,30 +36,35 @@ class SpatialHash:
         return int(self.items.numel())
 
 
-def build_hash(means: torch.Tensor, half_extent: torch.Tensor, cell_mm: float | None = None) -> SpatialHash:
+def build_hash(
+    means: torch.Tensor, half_extent: torch.Tensor, cell_mm: float | tuple[float, float, float] | None = None
+) -> SpatialHash:
     """Insert each Gaussian into the cells its box ``means +- half_extent`` overlaps.
 
     Parameters
     ----------
     means : [N, 3] world mm
     half_extent : [N, 3] mm, half side of each Gaussian's cut-off box along x, y, z
-    cell_mm : cell size; by default the median full box side, which keeps both the entries per Gaussian and the
-        candidates per point small.
+    cell_mm : cell size(s); by default, per axis, half the median box side: each Gaussian then sits in about 3^3
+        cells and a point sees about 3.4x the Gaussians whose box really contains it (measured: a cell as large as
+        the box gave 80x more candidates than kept pairs for thick-slice PSFs).
     """
     means = means.detach()
     half_extent = half_extent.detach().clamp_min(1e-3)
     device = means.device
     if cell_mm is None:
-        cell_mm = float(torch.quantile(2.0 * half_extent.max(dim=1).values.float().cpu(), 0.5).item())
-        cell_mm = max(cell_mm, 0.5)
+        size = half_extent.median(dim=0).values.clamp_min(0.25)
+    else:
+        size = torch.as_tensor(cell_mm, dtype=torch.float32).expand(3).clone()
+    size = size.to(device=device, dtype=means.dtype)
     lo_world = (means - half_extent).min(dim=0).values
     hi_world = (means + half_extent).max(dim=0).values
     origin = lo_world
-    dims_t = torch.clamp(torch.ceil((hi_world - lo_world) / cell_mm).long() + 1, min=1)
+    dims_t = torch.clamp(torch.ceil((hi_world - lo_world) / size).long() + 1, min=1)
     dims = (int(dims_t[0]), int(dims_t[1]), int(dims_t[2]))
 
-    lo = torch.floor((means - half_extent - origin) / cell_mm).long()
-    hi = torch.floor((means + half_extent - origin) / cell_mm).long()
+    lo = torch.floor((means - half_extent - origin) / size).long()
+    hi = torch.floor((means + half_extent - origin) / size).long()
     span = hi - lo + 1  # [N, 3]
     count = span.prod(dim=1)  # cells per Gaussian
     g_idx = torch.repeat_interleave(torch.arange(means.shape[0], device=device), count)
@@ -81,7 +86,7 @@ def build_hash(means: torch.Tensor, half_extent: torch.Tensor, cell_mm: float | 
     counts = torch.bincount(cell, minlength=n_cells)
     starts = torch.zeros(n_cells + 1, dtype=torch.long, device=device)
     starts[1:] = torch.cumsum(counts, 0)
-    return SpatialHash(origin=origin, cell_mm=float(cell_mm), dims=dims, starts=starts, items=items)
+    return SpatialHash(origin=origin, cell_mm=size, dims=dims, starts=starts, items=items)
 
 
 def point_cells(grid: SpatialHash, points: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
     """The JSON sidecar of a harmonised target.
 
     Keys: the source's metadata (less :data:`DROPPED_META`), ``Sources`` (BIDS URIs), ``SpatialReference``,
-    ``Method``, ``Parameters``, ``Version``, ``Metrics`` (registration mutual information, stage-2 residual),
-    ``Runtime`` (seconds per stage), ``Device``.
+    ``Method``, ``Parameters`` (with the slice profile used), ``Version``, ``Metrics`` (registration mutual
+    information, stage-2 diagnostics: CG iterations, residuals, sizes, brain fraction in the target's field of view),
+    ``Runtime`` (seconds per stage and ``total_seconds``), ``Device``.
     """
     out = {k: v for k, v in meta.items() if k not in DROPPED_META}
     scalars = {k: v for k, v in appearance.items()
@@ -35,6 +36,15 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         params["appearance_options"] = appearance["options"]
     if isinstance(registration.get("parameters"), dict):
         params["registration"] = registration["parameters"]
+    if isinstance(appearance.get("acquisition"), dict):  # the slice profile actually used (thickness in mm)
+        params["acquisition"] = appearance["acquisition"]
+    runtime = {"registration_seconds": registration.get("seconds"),
+               **{(k if k == "render_seconds" else f"appearance_{k}"): v
+                  for k, v in appearance.items() if "seconds" in k and isinstance(v, (int, float))}}
+    # total of the stages (appearance_seconds_build is a part of appearance_seconds, not added again)
+    runtime["total_seconds"] = sum(v for k, v in runtime.items()
+                                   if k in ("registration_seconds", "appearance_seconds", "render_seconds")
+                                   and isinstance(v, (int, float)))
     out.update({
         "Sources": list(sources),
         "SpatialReference": spatial_reference,
@@ -44,9 +54,7 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         "Version": version,
         "Metrics": {"registration_" + str(registration.get("metric_name", "metric")): registration.get("metric"),
                     **scalars},
-        "Runtime": {"registration_seconds": registration.get("seconds"),
-                    **{(k if k == "render_seconds" else f"appearance_{k}"): v
-                       for k, v in appearance.items() if "seconds" in k and isinstance(v, (int, float))}},
+        "Runtime": runtime,
         "Device": device,
         "SkullStripped": True,  # rendered inside the T1w brain mask
     })

@@ -64,13 +64,64 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     t1w = nib.load(str(t1w_file))
     mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
     appearance = fit_appearance(scaffold, data, acq, target2t1w, AppearanceOptions.preset(quality), device=device)
+    # Render only where the target measured something: brain-mask voxels inside the target's field of view (a
+    # target slab that does not cover the whole brain must not be extrapolated from the T1w alone).
+    fov = field_of_view_mask(t1w.affine, t1w.shape[:3], target.affine, data.shape[:3], target2t1w)
+    render_mask = mask & fov
     t0 = time.perf_counter()
-    out = render(appearance, t1w.affine, t1w.shape[:3], device=device, mask=mask)
+    out = render(appearance, t1w.affine, t1w.shape[:3], device=device, mask=render_mask)
     render_s = time.perf_counter() - t0
-    save_nifti(nib.Nifti1Image(np.asarray(out, dtype=np.float32), t1w.affine), out_file)
-    diag = _json_safe({k: v for k, v in dict(appearance.diagnostics).items() if k != "history"})
+    out_img = nib.Nifti1Image(np.asarray(out, dtype=np.float32), t1w.affine)
+    out_img.header.set_xyzt_units("mm", "sec")
+    save_nifti(out_img, out_file)
+    raw = dict(appearance.diagnostics)
+    diag = _json_safe({k: v for k, v in raw.items() if k != "history"})
+    history = list(raw.get("history") or [])
+    if history:
+        diag["final_relative_residual"] = float(history[-1])
+    diag["brain_fraction_in_target_fov"] = float(render_mask.sum() / max(int(mask.sum()), 1))
+    zooms = np.sqrt((target.affine[:3, :3] ** 2).sum(axis=0))
+    diag["acquisition"] = {"slice_axis": int(acq.slice_axis),
+                           "slice_spacing_mm": float(zooms[acq.slice_axis]),
+                           "slice_thickness_mm": float(acq.fwhm_vox[acq.slice_axis] * zooms[acq.slice_axis]),
+                           "slice_thickness_source": "SliceThickness" if slice_thickness is not None
+                           else "slice spacing (no SliceThickness in the sidecar)",
+                           "profile": acq.profile}
     diag["render_seconds"] = render_s
     return diag
+
+
+def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], target_affine: np.ndarray,
+                       target_shape: tuple[int, int, int], target2t1w: np.ndarray) -> np.ndarray:
+    """T1w voxels whose centre lies inside the target's field of view.
+
+    Parameters
+    ----------
+    t1w_affine : (4, 4) T1w voxel index -> T1w world mm RAS
+    t1w_shape : (I, J, K) of the T1w grid
+    target_affine : (4, 4) target voxel index -> target world mm RAS
+    target_shape : (I', J', K') of the target
+    target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS
+
+    Returns
+    -------
+    (I, J, K) bool: True where the T1w voxel centre maps to target voxel coordinates within
+    ``[-0.5, n - 0.5]`` on every axis (the target's voxels cover it).
+
+    >>> eye = np.eye(4)
+    >>> m = field_of_view_mask(eye, (4, 4, 4), np.diag([1.0, 1.0, 2.0, 1.0]), (4, 4, 1), eye)
+    >>> int(m.sum()), bool(m[:, :, 1].all()), bool(m[:, :, 2].any())  # one 2 mm slice covers z in [-1, 1] mm
+    (32, True, False)
+    """
+    t1w2tvox = np.linalg.inv(np.asarray(target_affine, float)) @ np.linalg.inv(np.asarray(target2t1w, float)) \
+        @ np.asarray(t1w_affine, float)
+    out = np.ones(tuple(int(s) for s in t1w_shape), dtype=bool)
+    ii, jj, kk = (np.arange(int(n), dtype=np.float64) for n in t1w_shape)
+    for axis in range(3):  # target coordinate `axis` is affine in (i, j, k): test it on the broadcast grid
+        row = t1w2tvox[axis]
+        coord = (row[0] * ii[:, None, None] + row[1] * jj[None, :, None] + row[2] * kk[None, None, :] + row[3])
+        out &= (coord >= -0.5) & (coord <= target_shape[axis] - 0.5)
+    return out
 
 
 def _json_safe(obj):
@@ -93,7 +144,7 @@ class _ScaffoldInputSpec(BaseInterfaceInputSpec):
     quality = traits.Enum("fast", "default", "best", usedefault=True, desc="ScaffoldOptions preset")
     seed = traits.Int(0, usedefault=True, desc="initialisation seed")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
-    threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")
 
 
 class _ScaffoldOutputSpec(TraitedSpec):
@@ -127,7 +178,7 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm (sidecar)")
     quality = traits.Enum("fast", "default", "best", usedefault=True, desc="AppearanceOptions preset")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
-    threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")
 
 
 class _HarmonizeOutputSpec(TraitedSpec):

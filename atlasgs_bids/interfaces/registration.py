@@ -83,7 +83,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     ref_file = File(exists=True, mandatory=True, desc="target reference (moving)")
     mask_file = File(exists=True, desc="T1w brain mask (restricts the metric)")
     seed = traits.Int(0, usedefault=True, desc="ANTs random seed")
-    threads = traits.Int(1, usedefault=True, desc="ITK threads")
+    threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads; not hashed")
 
 
 class _RegisterOutputSpec(TraitedSpec):

@@ -47,7 +47,8 @@ def collect_rows(output_dir: str | os.PathLike, participants: Iterable[str] = ()
             "participant_id": f"sub-{ents['sub']}", "session_id": f"ses-{ents['ses']}" if "ses" in ents else "n/a",
             "target": next((s.split(":", 2)[-1] for s in meta.get("Sources", [])), sidecar.name),
             "modality": suffix, "status": "ok",
-            "runtime_seconds": round(sum(v for v in runtime.values() if isinstance(v, (int, float))), 3),
+            "runtime_seconds": round(runtime["total_seconds"] if isinstance(runtime.get("total_seconds"), (int, float))
+                                     else sum(v for v in runtime.values() if isinstance(v, (int, float))), 3),
             "device": meta.get("Device", "n/a"), "sidecar": sidecar.relative_to(output_dir).as_posix(),
         }
         for key, value in (meta.get("Metrics") or {}).items():

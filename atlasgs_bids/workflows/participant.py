@@ -114,7 +114,12 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
             json_files={bd.t1w_preproc_output(si.t1w).as_posix().replace(".nii.gz", ".json"): {
                 "SkullStripped": bool(config.execution.skull_stripped),
                 "Sources": [bd.bids_uri(si.t1w, config.execution.bids_dir)],
-                "Description": "The T1w reoriented to RAS+ (data unchanged): the grid of every output"}}),
+                "Description": "The T1w reoriented to RAS+ (data unchanged): the grid of every output"},
+                bd.brain_mask_output(si.t1w).as_posix().replace(".nii.gz", ".json"): {
+                "Type": "Brain",
+                "Description": f"Brain mask of the T1w, {mask_text}",
+                "Sources": [f"bids::{bd.t1w_preproc_output(si.t1w).as_posix()}"],
+                "SpatialReference": f"bids::{bd.t1w_preproc_output(si.t1w).as_posix()}"}}),
             name="ds_anat")
         wf.connect([
             (reorient, merge, [("out_file", "in1")]),
