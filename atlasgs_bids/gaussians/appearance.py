@@ -25,7 +25,7 @@ from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, t
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
-from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
+from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
 
 

@@ -2,31 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atlasgs_bids.atomic import atomic_path, atomic_write_bytes
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.version import __version__
 
 #: Bumped whenever the arrays or their meaning change; older files are refused with a clear message.
 FORMAT_VERSION = 1
 _ARRAYS = ("means", "quats", "log_scales", "amplitudes", "t1_values")
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_scaffold(scaffold: Scaffold, path: str | Path) -> tuple[Path, Path]:
@@ -40,12 +27,13 @@ def save_scaffold(scaffold: Scaffold, path: str | Path) -> tuple[Path, Path]:
     arrays = {name: getattr(scaffold, name).detach().cpu().numpy().astype(np.float32) for name in _ARRAYS}
     arrays["mask_bits"] = np.packbits(scaffold.mask.astype(bool).reshape(-1))
     arrays["mask_shape"] = np.asarray(scaffold.mask.shape, dtype=np.int64)
-    _atomic_write_bytes(path, lambda fh: np.savez_compressed(fh, **arrays))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
     meta = dict(scaffold.meta)
     meta.pop("loss_history", None)  # long; the figure-of-merit summary stays
     doc = {"FormatVersion": FORMAT_VERSION, "SoftwareVersion": __version__, "NGaussians": scaffold.n_gaussians, "Meta": meta}
     json_path = path.with_suffix(".json")
-    _atomic_write_bytes(json_path, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
+    atomic_write_bytes(json_path, json.dumps(doc, indent=2).encode())
     return path, json_path
 
 

@@ -21,7 +21,7 @@ from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, v
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
 from atlasgs_bids.gaussians.spatial_hash import build_hash
-from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
+from atlasgs_bids.imaging.intensity import fit_intensity_scale
 
 ProgressFn = Callable[[int, int, float], None]
 

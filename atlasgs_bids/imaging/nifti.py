@@ -6,11 +6,12 @@ nibabel images live only here (and in the workflow interfaces); the core works o
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from atlasgs_bids.atomic import atomic_path
 
 from atlasgs_bids.errors import InputError
 
@@ -154,12 +155,6 @@ def _output_dtype(dtype: np.dtype, data: np.ndarray) -> np.dtype:
     raise ValueError(f"cannot write voxel type {dtype} to NIfTI")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> Path:
     """Write ``img`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
 
@@ -200,15 +195,6 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     if gap is not None and gap > QFORM_SFORM_TOLERANCE_MM:  # sheared affine: a qform cannot hold it
         out.set_qform(None, code=0)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+    with atomic_path(path) as tmp:
         nib.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

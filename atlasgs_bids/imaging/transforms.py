@@ -29,10 +29,11 @@ and a point maps as ``y = M @ (x - c) + c + t`` (LPS mm). Files are written with
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from atlasgs_bids.atomic import atomic_write_bytes
 
 from atlasgs_bids.errors import InputError
 
@@ -129,17 +130,7 @@ def write_itk_affine(path: str | os.PathLike, ras_matrix: np.ndarray) -> Path:
         "Parameters: " + " ".join(repr(float(v)) for v in params) + "\n"
         "FixedParameters: 0 0 0\n"
     )
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode())
 
 
 def _lps_from_parameters(params: np.ndarray, fixed: np.ndarray) -> np.ndarray:

@@ -1,0 +1,415 @@
+"""Stage 1 (scaffold), stage 2 (appearance) and render, end to end on a small synthetic phantom with known truth.
+
+The phantom: 24^3 voxels at 1 mm, a sphere of two "tissues" (outer shell GM-like, inner core WM-like) with a small
+CSF-like blob, smoothed by a Gaussian of 0.6 voxel (partial volume). Its T1-like and T2-like images have the tissue
+order inverted (T1: WM > GM > CSF; T2: CSF > GM > WM). Targets are simulated thick-slice acquisitions
+(``simulate_thick_slices``, x5 along k, Gaussian slice profile), reconstructed on the 1 mm grid and scored inside the
+brain mask with ``metrics.psnr``. The baseline is cubic B-spline interpolation of the thick slices.
+
+Every PSNR threshold below states the value measured on this phantom and the margin left.
+
+Torch runs on one thread in this module (restored afterwards): on a shared 2-core machine with other work running,
+2 OpenMP threads made the same solves 10-30x slower and their timing erratic, and the results here do not depend on
+the thread count, except for the bitwise reproducibility that one test below checks on 2 threads on purpose.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
+from atlasgs_bids.gaussians.field import measure, quat_scale_to_covar
+from atlasgs_bids.gaussians.linear import fit_coefficients
+from atlasgs_bids.gaussians.render import render
+from atlasgs_bids.gaussians.scaffold import ScaffoldOptions, fit_scaffold, lattice_scaffold
+from atlasgs_bids.gaussians.sparse import SparseMatrix
+from atlasgs_bids.imaging.acquisition import simulate_thick_slices
+from atlasgs_bids.imaging.metrics import psnr
+
+SHAPE = (24, 24, 24)
+FACTOR = 5
+
+
+def _phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """T1-like (I, J, K), T2-like (I, J, K), brain mask (I, J, K) bool, affine (4, 4) voxel -> world mm RAS."""
+    ijk = np.indices(SHAPE).astype(float) - (np.array(SHAPE)[:, None, None, None] - 1) / 2
+    r = np.sqrt((ijk**2).sum(0))
+    r_blob = np.sqrt(((ijk - np.array([3.0, -2.0, 1.0])[:, None, None, None]) ** 2).sum(0))
+    label = np.zeros(SHAPE, int)
+    label[r < 10] = 1  # GM-like shell
+    label[r < 6.5] = 2  # WM-like core
+    label[r_blob < 2.5] = 3  # CSF-like blob
+    t1 = gaussian_filter(np.array([0.0, 0.6, 1.0, 0.25])[label], 0.6) * 1000.0
+    t2 = gaussian_filter(np.array([0.0, 0.7, 0.4, 1.0])[label], 0.6) * 800.0
+    affine = np.eye(4)
+    affine[:3, 3] = [-12.0, -14.0, -10.0]
+    return t1, t2, r < 10.5, affine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return _phantom()
+
+
+@pytest.fixture(scope="module")
+def scaffold(phantom):
+    t1, _, mask, affine = phantom
+    return fit_scaffold(t1, affine, mask)  # default options: the lattice geometry
+
+
+def _cubic(thick: np.ndarray, thick_affine: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Cubic B-spline interpolation of the thick slices onto the 1 mm grid (the baseline to beat)."""
+    vox2thick = np.linalg.inv(thick_affine) @ affine
+    ijk = np.indices(SHAPE).reshape(3, -1).astype(float)
+    coords = vox2thick[:3, :3] @ ijk + vox2thick[:3, 3:]
+    return map_coordinates(thick, coords, order=3, mode="nearest").reshape(SHAPE)
+
+
+def _reconstruct(scaffold, truth, affine, options=None):
+    """Degrade ``truth`` at x5, fit stage 2 (target world == T1w world), render at 1 mm; return (ours, cubic, app)."""
+    thick, thick_affine, acq = simulate_thick_slices(truth, affine, FACTOR)
+    app = fit_appearance(scaffold, thick, acq, np.eye(4), options)
+    return render(app, affine, SHAPE), _cubic(thick, thick_affine, affine), app
+
+
+@pytest.fixture(scope="module")
+def t1_default(phantom, scaffold):
+    t1, _, _, affine = phantom
+    return _reconstruct(scaffold, t1, affine)
+
+
+@pytest.fixture(scope="module")
+def t1_converged(phantom, scaffold):
+    t1, _, _, affine = phantom
+    return _reconstruct(scaffold, t1, affine, AppearanceOptions(tol=1e-5, max_iter=3000))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage 1: the default (lattice) scaffold
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_scaffold_is_the_lattice(phantom, scaffold) -> None:
+    t1, _, mask, affine = phantom
+    lat = lattice_scaffold(t1, affine, mask)
+    for name in ("means", "quats", "log_scales", "amplitudes", "t1_values"):
+        assert torch.equal(getattr(scaffold, name), getattr(lat, name)), name
+    # One Gaussian per voxel of the mask dilated by one voxel, at the voxel centres (world mm).
+    assert mask.sum() < scaffold.n_gaussians < mask.sum() * 1.5
+    assert np.array_equal(scaffold.mask, mask)
+    np.testing.assert_allclose(scaffold.t1w_affine, affine)
+    centres = scaffold.means.double().numpy() @ np.linalg.inv(affine)[:3, :3].T + np.linalg.inv(affine)[:3, 3]
+    np.testing.assert_allclose(centres, np.round(centres), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage 2 + render: known truth
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_t1_target_beats_cubic_by_far(phantom, t1_default) -> None:
+    t1, _, mask, _ = phantom
+    ours, cubic, _ = t1_default
+    assert ours.shape == SHAPE and ours.dtype == np.float32
+    p_ours, p_cubic = psnr(ours, t1, mask), psnr(cubic, t1, mask)
+    # Measured with the default preset: ours 25.5 dB, cubic 20.4 dB (+5.0 dB). Bounds leave ~1.5 dB. (The same
+    # solve converged reaches 37 dB: see the next test and the xfail after it.)
+    assert p_ours > 24.0
+    assert p_ours > p_cubic + 3.5
+
+
+def test_t1_target_converged_solve_matches_the_t1w_closely(phantom, t1_converged) -> None:
+    t1, _, mask, _ = phantom
+    ours, _, app = t1_converged
+    # Measured: 37.1 dB once CG reaches 1e-5 (333 iterations): the model itself reproduces the T1w closely.
+    assert psnr(ours, t1, mask) > 35.0
+    assert app.diagnostics["history"][-1] < 1e-5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "appearance.py AppearanceOptions.tol = 1e-4 (default and fast presets) stops CG far from the minimiser on "
+        "this phantom: T1w target 25.5 dB at 106 iterations vs 37.1 dB at tol 1e-5 (333 it.); T2 target 25.6 vs "
+        "37.1 dB. Fix: a tighter default tol (1e-5 costs ~3x the iterations here) or a stronger preconditioner "
+        "(Jacobi-CG converges slowly on the Laplacian's smooth modes)"
+    ),
+)
+def test_default_preset_is_within_2_db_of_the_converged_solve(phantom, t1_default, t1_converged) -> None:
+    t1, _, mask, _ = phantom
+    assert psnr(t1_default[0], t1, mask) > psnr(t1_converged[0], t1, mask) - 2.0
+
+
+def test_t2_target_with_inverted_contrast_beats_cubic(phantom, scaffold) -> None:
+    _, t2, mask, affine = phantom
+    ours, cubic, app = _reconstruct(scaffold, t2, affine)
+    p_ours, p_cubic = psnr(ours, t2, mask), psnr(cubic, t2, mask)
+    # Measured with the default preset: ours 25.6 dB, cubic 16.9 dB (+8.7 dB): the T1w's edges carry over
+    # although the contrast is inverted (37.1 dB when converged to tol 1e-5). Bounds leave ~1.5 dB.
+    assert p_ours > 24.0
+    assert p_ours > p_cubic + 7.0
+    assert app.diagnostics["n_measurements"] > 0 and np.isfinite(app.diagnostics["residual_rms"])
+
+
+def test_render_of_a_series_returns_one_volume_per_series_volume(phantom, scaffold) -> None:
+    t1, t2, mask, affine = phantom
+    series = np.stack([t1, t2], axis=-1)
+    thick, _, acq = simulate_thick_slices(series, affine, FACTOR)
+    app = fit_appearance(scaffold, thick, acq, np.eye(4), AppearanceOptions(max_iter=5))
+    out = render(app, affine, SHAPE)
+    assert out.shape == SHAPE + (2,) and app.n_volumes == 2
+    assert np.all(out[~mask] == 0)  # rendered inside the scaffold's brain mask only, on its own grid
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The linear solve
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_basis", [1, 2])
+def test_linear_solve_recovers_the_coefficients_as_the_ridge_vanishes(n_basis: int) -> None:
+    """y = A c_true with A [300, 60] of full column rank: c -> c_true as lambda -> 0 (the basis only reparametrises c)."""
+    rng = np.random.default_rng(0)
+    m, n = 300, 60
+    dense = rng.normal(size=(m, n)) * (rng.uniform(size=(m, n)) < 0.2)
+    rows, cols = np.nonzero(dense)
+    a_mat = SparseMatrix(
+        torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(dense[rows, cols], dtype=torch.float32), (m, n), "cpu"
+    )
+    c_true = torch.as_tensor(rng.normal(size=(n, 2)), dtype=torch.float32)
+    y = torch.as_tensor(dense, dtype=torch.float32) @ c_true
+    basis = torch.as_tensor(rng.uniform(0.5, 2.0, size=(n, n_basis)), dtype=torch.float32)
+    c, info = fit_coefficients(a_mat, y, basis, ridge=1e-7, tol=1e-6, max_iter=2000)
+    assert c.shape == (n, 2)
+    # cond(A) ~ 5, so the normal equations have cond ~ 25: float32 CG to a relative residual of 1e-6 gives c to
+    # ~1e-5; the ridge 1e-7 biases c by ~1e-7 / sigma_min^2 ~ 1e-8. Measured max error ~2e-6.
+    torch.testing.assert_close(c, c_true, rtol=0, atol=1e-4)
+    assert info["iterations"] < 2000
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A 4D series is one solve
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_4d_series_is_one_solve_that_equals_separate_solves(phantom, scaffold) -> None:
+    t1, t2, mask, affine = phantom
+    weights = np.linspace(0.0, 1.0, 30)
+    series = np.stack([(1 - w) * t2 + w * 0.8 * t1 for w in weights], axis=-1)  # 30 volumes, changing contrast
+    thick, _, acq = simulate_thick_slices(series, affine, FACTOR)
+    # tol = 0 and a fixed iteration count: every column then runs the same CG iterations as it would alone, so the
+    # series solve and the separate solves are the same arithmetic per column (with any tol the series keeps
+    # iterating every column until the worst one converges, and this ill-conditioned solve moves a lot between
+    # 1e-4 and 1e-5, see the xfail above).
+    opts = AppearanceOptions(tol=0.0, max_iter=60)
+
+    t0 = time.process_time()
+    series_app = fit_appearance(scaffold, thick, acq, np.eye(4), opts)
+    t_series = time.process_time() - t0
+    series_out = render(series_app, affine, SHAPE)
+    assert series_out.shape == SHAPE + (30,)
+    assert series_app.diagnostics["iterations"] == 60
+
+    t_single = []
+    for v in (0, 17):
+        t0 = time.process_time()
+        app = fit_appearance(scaffold, thick[..., v], acq, np.eye(4), opts)
+        t_single.append(time.process_time() - t0)
+        single_out = render(app, affine, SHAPE)
+        rng = np.ptp(single_out[mask])
+        # Same arithmetic up to the intensity scale (one per series vs one per volume; CG is scale-equivariant) and
+        # float32 rounding, which 60 iterations of this ill-conditioned CG amplify: measured max difference
+        # 3e-4 (same volume, rescaled x3.7) to 2e-3 (batched with other volumes) of the range. Volumes 0 and 17
+        # differ by a large fraction of the range, so a column mix-up cannot pass 1e-2.
+        diff = np.abs(series_out[..., v] - single_out)[mask]
+        assert diff.max() < 1e-2 * rng
+        assert diff.mean() < 1e-3 * rng
+
+    # CPU time (one thread), not wall time: robust to other processes on a shared machine. The 30 volumes share the
+    # measurement matrix, the Laplacian and the CG loop. Measured ratio 2.7 here (60 iterations) and 6.4 at 400
+    # iterations, where the 30-column products dominate.
+    assert t_series < 10.0 * min(t_single)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Seeds
+# ------------------------------------------------------------------------------------------------------------------
+
+_TINY_ADAPTIVE = ScaffoldOptions(
+    geometry="adaptive",
+    spacing_mm=3.0,
+    steps=20,
+    patch=8,
+    patches_per_step=2,
+    densify_every=10,
+    densify_until=20,
+    init_iterations=50,
+)
+
+
+def _scaffold_tensors(sc) -> dict[str, torch.Tensor]:
+    return {k: getattr(sc, k) for k in ("means", "quats", "log_scales", "amplitudes", "t1_values")}
+
+
+def test_adaptive_scaffold_same_seed_is_identical_and_another_seed_differs(phantom) -> None:
+    # On one thread (this module's setting); on two, see the xfail below.
+    t1, _, mask, affine = phantom
+    a = fit_scaffold(t1, affine, mask, _TINY_ADAPTIVE, seed=7)
+    b = fit_scaffold(t1, affine, mask, _TINY_ADAPTIVE, seed=7)
+    c = fit_scaffold(t1, affine, mask, _TINY_ADAPTIVE, seed=8)
+    assert a.meta["seed"] == 7 and a.meta["options"]["geometry"] == "adaptive"
+    for name, ta in _scaffold_tensors(a).items():
+        assert torch.equal(ta, getattr(b, name)), name
+    assert a.meta["loss_history"] == b.meta["loss_history"]
+    assert a.n_gaussians != c.n_gaussians or not torch.equal(a.means, c.means)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "field.py gathers with advanced indexing (means[g], points[pt], precision6[g] in _pair_values; gain[g] in "
+        "measure_pairs; amplitudes[g] in measure). On the CPU, the backward of x[idx] for float32 with >= 32768 "
+        "elements and > 1 thread is index_put_(accumulate=True) with parallel atomic adds: the gradients differ in "
+        "the last bits from run to run, so fit_scaffold(geometry='adaptive') with a fixed seed is not reproducible "
+        "on 2 threads (loss histories part at step 2). Fix: torch.index_select(x, 0, idx) (backward index_add_, "
+        "deterministic) for those five gathers"
+    ),
+)
+def test_measure_gradients_are_bitwise_reproducible_on_two_threads() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        n = 250
+        means = torch.rand(n, 3, generator=g) * 24
+        log_scales = torch.full((n, 3), float(np.log(1.8)))
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1.0
+        amps = torch.randn(n, 1, generator=g)
+        points = torch.rand(2048, 3, generator=g) * 24  # ~10^5 pairs: above torch's parallel grain of 32768
+
+        def grads():
+            p = [t.clone().requires_grad_(True) for t in (means, log_scales, amps)]
+            out = measure(points, p[0], quat_scale_to_covar(quats, p[1]), p[2], psf_cov=torch.eye(3) * 0.18)
+            (out**2).sum().backward()
+            return [t.grad for t in p]
+
+        first = grads()
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: a ValueError that names the problem
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_nan_in_the_t1w_mask_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    bad = t1.copy()
+    bad[12, 12, 12] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_scaffold(bad, affine, mask)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_scaffold(bad, affine, mask, _TINY_ADAPTIVE)
+
+
+def test_nan_outside_the_mask_is_accepted(phantom) -> None:
+    t1, _, mask, affine = phantom
+    bad = t1.copy()
+    bad[0, 0, 0] = np.nan  # outside the brain: never used
+    assert fit_scaffold(bad, affine, mask).n_gaussians > 0
+
+
+def test_empty_mask_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    with pytest.raises(ValueError, match="mask is empty"):
+        fit_scaffold(t1, affine, np.zeros_like(mask))
+
+
+def test_2d_image_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    with pytest.raises(ValueError, match="3D"):
+        fit_scaffold(t1[:, :, 12], affine, mask[:, :, 12])
+
+
+def test_mask_of_another_shape_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    with pytest.raises(ValueError, match="shape"):
+        fit_scaffold(t1, affine, mask[:-1])
+
+
+def test_singular_affine_is_refused(phantom) -> None:
+    """The scaffold's covariances are positive definite by construction (exp(log_scales) > 0, R orthonormal); the
+    one way to hand the library a degenerate geometry is a singular T1w affine (a zero voxel size)."""
+    t1, _, mask, affine = phantom
+    flat = affine.copy()
+    flat[2, 2] = 0.0
+    with pytest.raises(ValueError, match="singular"):
+        fit_scaffold(t1, flat, mask)
+
+
+def test_target_with_nan_is_refused(phantom, scaffold) -> None:
+    _, t2, _, affine = phantom
+    thick, _, acq = simulate_thick_slices(t2, affine, FACTOR)
+    thick[3, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_appearance(scaffold, thick, acq, np.eye(4))
+
+
+def test_2d_target_is_refused(phantom, scaffold) -> None:
+    _, t2, _, affine = phantom
+    thick, _, acq = simulate_thick_slices(t2, affine, FACTOR)
+    with pytest.raises(ValueError, match="3D or 4D"):
+        fit_appearance(scaffold, thick[:, :, 0], acq, np.eye(4))
+
+
+def test_target_that_misses_the_scaffold_is_refused(phantom, scaffold) -> None:
+    _, t2, _, affine = phantom
+    thick, _, acq = simulate_thick_slices(t2, affine, FACTOR)
+    far = np.eye(4)
+    far[0, 3] = 500.0  # target world -> T1w world puts the target 500 mm away
+    with pytest.raises(ValueError, match="does not overlap"):
+        fit_appearance(scaffold, thick, acq, far)
+
+
+@pytest.mark.parametrize("options", [ScaffoldOptions, AppearanceOptions])
+def test_unknown_quality_preset_is_refused(options) -> None:
+    with pytest.raises(ValueError, match="unknown quality 'ultra'"):
+        options.preset("ultra")
+
+
+def test_unknown_geometry_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    with pytest.raises(ValueError, match="unknown scaffold geometry 'voronoi'"):
+        fit_scaffold(t1, affine, mask, ScaffoldOptions(geometry="voronoi"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "scaffold.py: ScaffoldOptions(patch < 7) is not validated; the 7-tap SSIM window of _ssim3d then fails "
+        "inside torch.conv3d with a RuntimeError ('Kernel size can't be greater than actual input size'). Fix: "
+        "check opts.patch >= 7 (the window) at the start of fit_scaffold and raise ValueError naming 'patch'"
+    ),
+)
+def test_patch_smaller_than_the_ssim_window_is_refused(phantom) -> None:
+    t1, _, mask, affine = phantom
+    with pytest.raises(ValueError, match="patch"):
+        fit_scaffold(t1, affine, mask, dataclasses.replace(_TINY_ADAPTIVE, patch=6, steps=1))
