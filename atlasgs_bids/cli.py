@@ -346,7 +346,12 @@ def run_participant_level(config: Config) -> int:
                 wf.base_dir = str(work_dir)
                 wf.config["execution"].update({"crashdump_dir": str(ex.log_dir), "crashfile_format": "txt",
                                                "stop_on_first_crash": "true", "poll_sleep_duration": 0.5})
-                plugin_args = {"n_procs": config.resources.nprocs, "raise_insufficient": False,
+                # nipype counts CPU slots: --nprocs processes x --omp-nthreads threads (a fitting node takes
+                # omp_nthreads slots), so one process with its threads never exceeds the scheduler's budget
+                slots = config.resources.nprocs * config.resources.omp_nthreads
+                # forkserver: workers fork from a clean server, never from this process, whose torch/OpenMP
+                # threads (started e.g. by a caller that used torch before, as a test does) would deadlock a fork
+                plugin_args = {"n_procs": slots, "raise_insufficient": False, "mp_context": "forkserver",
                                "status_callback": NodeTimer(f"{si.label} ")}
                 if config.resources.mem_gb:
                     plugin_args["memory_gb"] = config.resources.mem_gb

@@ -138,7 +138,9 @@ def test_rigid_rotation_of_the_target_frame_leaves_measurements_unchanged(profil
 
 
 def test_box_sub_slices_tile_the_slice() -> None:
-    acq = Acquisition(np.diag([1.0, 1.0, 4.0, 1.0]), (4, 4, 4), (1.0, 1.0, 1.5), slice_axis=2, profile="box", box_points=5)
+    acq = Acquisition(
+        np.diag([1.0, 1.0, 4.0, 1.0]), (4, 4, 4), (1.0, 1.0, 1.5), slice_axis=2, profile="box", box_points=5
+    )
     offsets, weights, fwhm = acq.sub_slices()
     assert weights.sum() == pytest.approx(1.0, abs=1e-15)
     assert np.allclose(offsets, -offsets[::-1])  # symmetric about the voxel centre
@@ -176,7 +178,8 @@ def _box_vs_exact(so: float, k: int) -> float:
     covs = torch.eye(3, dtype=F64)[None].repeat(len(zs), 1, 1) * so**2
     got = _dense(measurement_matrix(means, covs, aff, np.zeros((1, 3), int), acq, cutoff=8.0))[0].numpy()
     sp, w = FWHM_TO_SIGMA, 3.0
-    through = np.sqrt(np.pi / 2) * so * (erf((w / 2 - zs) / (np.sqrt(2) * so)) - erf((-w / 2 - zs) / (np.sqrt(2) * so))) / w
+    root2s = np.sqrt(2) * so
+    through = np.sqrt(np.pi / 2) * so * (erf((w / 2 - zs) / root2s) - erf((-w / 2 - zs) / root2s)) / w
     exact = so**2 / (so**2 + sp**2) * through
     return float(np.max(np.abs(got - exact)) / exact.max())
 

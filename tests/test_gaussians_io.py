@@ -101,15 +101,6 @@ def test_garbage_npz_is_refused_naming_the_file(tmp_path: Path) -> None:
         load_scaffold(npz)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=zipfile.BadZipFile,
-    reason=(
-        "io.py load_scaffold catches (OSError, KeyError, ValueError, JSONDecodeError) but a truncated .npz raises "
-        "zipfile.BadZipFile (an Exception, not a ValueError), which escapes unnamed; fix: add zipfile.BadZipFile "
-        "(and EOFError) to the except tuple"
-    ),
-)
 def test_truncated_npz_is_refused_naming_the_file(tmp_path: Path) -> None:
     npz, _ = save_scaffold(_scaffold(n=2000), tmp_path / "s.npz")
     data = npz.read_bytes()

@@ -45,14 +45,14 @@ class AppearanceOptions:
     h: float = 0.05
     k_neighbours: int = 6
     max_iter: int = 400
-    tol: float = 1e-4
+    tol: float = 1e-5
     min_mask_fraction: float = 0.5
     basis: str = "affine"
     lam_ratio: float = 1.0
 
     @classmethod
     def preset(cls, quality: str) -> "AppearanceOptions":
-        presets = {"fast": cls(max_iter=150), "default": cls(), "best": cls(max_iter=800, tol=3e-5)}
+        presets = {"fast": cls(max_iter=150, tol=1e-4), "default": cls(), "best": cls(max_iter=1000, tol=3e-6)}
         if quality not in presets:
             raise ValueError(f"unknown quality {quality!r}: use one of {sorted(presets)}")
         return presets[quality]

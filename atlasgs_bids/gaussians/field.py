@@ -113,8 +113,9 @@ def _pair_values(
     points: torch.Tensor, means: torch.Tensor, blurred: Blurred, pt: torch.Tensor, g: torch.Tensor
 ) -> torch.Tensor:
     """exp(-1/2 Mahalanobis^2) for the pairs (pt, g), [P]."""
-    d = points[pt] - means[g]
-    p = blurred.precision6[g]
+    # index_select, not x[idx]: its backward accumulates deterministically on multi-threaded CPUs.
+    d = torch.index_select(points, 0, pt) - torch.index_select(means, 0, g)
+    p = torch.index_select(blurred.precision6, 0, g)
     m = (
         p[:, 0] * d[:, 0] ** 2
         + p[:, 1] * d[:, 1] ** 2
@@ -161,7 +162,7 @@ def measure_pairs(
         vals, m = _pair_values(points[start:stop], means, blurred, pt, g)
         keep = m.detach() < cut2
         pt, g, vals = pt[keep], g[keep], vals[keep]
-        yield start, pt, g, vals * blurred.gain[g]
+        yield start, pt, g, vals * torch.index_select(blurred.gain, 0, g)
 
 
 def measure(
@@ -198,7 +199,7 @@ def measure(
         points, means, blurred, cutoff=cutoff, grid=grid, max_pairs=max_pairs
     ):
         # Out-of-place per chunk so autograd sees every chunk; only one chunk's pairs live at a time.
-        out = out.index_add(0, start + pt, vals[:, None] * amplitudes[g])
+        out = out.index_add(0, start + pt, vals[:, None] * torch.index_select(amplitudes, 0, g))
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def load_scaffold(path: str | Path) -> Scaffold:
             arrays = {name: torch.as_tensor(data[name]) for name in _ARRAYS}
             shape = tuple(int(s) for s in data["mask_shape"])
             mask = np.unpackbits(data["mask_bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read the scaffold {path}: {exc}") from exc
     if doc.get("FormatVersion") != FORMAT_VERSION:
         raise ValueError(

@@ -303,6 +303,8 @@ def fit_scaffold(
         return lattice_scaffold(t1w, affine, mask)
     if opts.geometry != "adaptive":
         raise ValueError(f"unknown scaffold geometry {opts.geometry!r}: use 'lattice' or 'adaptive'")
+    if opts.patch < 7:
+        raise ValueError(f"ScaffoldOptions.patch must be at least 7 voxels (the SSIM window), got {opts.patch}")
     t1w = np.asarray(t1w)
     mask = np.asarray(mask).astype(bool)
     _check_inputs(t1w, affine, mask)
