@@ -270,6 +270,21 @@ class NodeTimer:
 
 
 # ------------------------------------------------------------------------------------------------------ participant
+def _nipype_worker_config(log_dir: Path) -> None:
+    """Make the MultiProc workers (fresh processes from the forkserver, which import nipype anew) log at the level
+    chosen by :func:`setup_logging`: write ``log_dir/nipype.cfg`` and point ``NIPYPE_CONFIG_DIR`` at it, unless the
+    user set ``NIPYPE_CONFIG_DIR`` (then theirs is kept). Read by workers started after this call."""
+    own = os.environ.get("ATLASGS_NIPYPE_CONFIG_DIR")
+    if os.environ.get("NIPYPE_CONFIG_DIR") and os.environ.get("NIPYPE_CONFIG_DIR") != own:
+        return
+    from atlasgs_bids.bids.derivatives import atomic_write_bytes
+
+    text = "[logging]\n" + "".join(f"{k} = {_NIPYPE_LEVEL}\n"
+                                    for k in ("workflow_level", "interface_level", "utils_level"))
+    atomic_write_bytes(Path(log_dir) / "nipype.cfg", text.encode())
+    os.environ["NIPYPE_CONFIG_DIR"] = os.environ["ATLASGS_NIPYPE_CONFIG_DIR"] = str(log_dir)
+
+
 def _write_status(config: Config, label: str, status: dict) -> None:
     from atlasgs_bids.bids.derivatives import atomic_write_json
 
@@ -328,6 +343,7 @@ def run_participant_level(config: Config) -> int:
     bd.write_readme(ex.output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config.save(ex.log_dir / f"config-{stamp}-{os.getpid()}.toml")
+    _nipype_worker_config(ex.log_dir)
     own_work = ex.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="atlasgs-work-")) if own_work else ex.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -66,12 +66,16 @@ class Appearance:
     coeffs : [N, V] float32 field amplitudes in normalised target units (V volumes)
     intensity : maps normalised units back to the target's own units
     diagnostics : seconds, iterations, residual_rms, history, n_measurements, options
+    target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
+        view the data constrain (outside it the field is only the regulariser's extrapolation)
     """
 
     scaffold: Scaffold
     coeffs: torch.Tensor
     intensity: IntensityScale
     diagnostics: dict = field(default_factory=dict)
+    target_vox2t1w: np.ndarray | None = None
+    target_shape: tuple[int, int, int] | None = None
 
     @property
     def n_volumes(self) -> int:
@@ -239,4 +243,11 @@ def fit_appearance(
         "options": asdict(opts),
         "device": str(device),
     }
-    return Appearance(scaffold=scaffold, coeffs=coeffs.cpu().float(), intensity=intensity, diagnostics=diagnostics)
+    return Appearance(
+        scaffold=scaffold,
+        coeffs=coeffs.cpu().float(),
+        intensity=intensity,
+        diagnostics=diagnostics,
+        target_vox2t1w=vox2t1w,
+        target_shape=tuple(acquisition.shape),
+    )

@@ -18,6 +18,19 @@ def _default_mask(appearance: Appearance, affine: np.ndarray, shape: tuple[int, 
     return np.ones(shape, dtype=bool)
 
 
+def _inside_target(appearance: Appearance, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """(I, J, K) bool: output voxels whose centre lies within one target voxel of the target's grid.
+
+    One voxel of margin: a thick slice's PSF (FWHM = its thickness) still weighs the tissue up to about one slice
+    beyond the outermost slice centre, so the data constrain the field there.
+    """
+    to_target = np.linalg.inv(appearance.target_vox2t1w) @ affine
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    t = ijk @ to_target[:3, :3].T.astype(np.float32) + to_target[:3, 3].astype(np.float32)
+    inside = np.all((t >= -1.0) & (t <= np.asarray(appearance.target_shape, dtype=np.float32)), axis=1)
+    return inside.reshape(shape)
+
+
 def render(
     appearance: Appearance,
     affine: np.ndarray,
@@ -27,6 +40,7 @@ def render(
     device: str | torch.device = "cpu",
     mask: np.ndarray | None = None,
     chunk_voxels: int = 400_000,
+    within_target: bool = True,
 ) -> np.ndarray:
     """Evaluate the fitted field on a grid.
 
@@ -37,6 +51,8 @@ def render(
     shape : (I, J, K) output grid
     fwhm_vox : PSF FWHM of an output voxel along its axes, voxel units (1 = the voxel itself)
     mask : (I, J, K) bool, voxels to render (others are 0); the scaffold's brain mask on its own grid by default
+    within_target : also leave 0 the voxels outside the target's field of view (its slab of slices), where no
+        measurement constrains the field
 
     Returns
     -------
@@ -52,6 +68,8 @@ def render(
     covs = sc.covs()
     coeffs = appearance.coeffs.to(device)
     psf = torch.as_tensor(psf_covariance(affine, fwhm_vox), dtype=torch.float32, device=device)
+    if within_target and appearance.target_vox2t1w is not None:
+        sel = sel & _inside_target(appearance, affine, shape)
     ijk = np.argwhere(sel)
     out = np.zeros((len(ijk), coeffs.shape[1]), dtype=np.float32)
     with torch.no_grad():
