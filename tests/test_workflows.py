@@ -205,7 +205,7 @@ def test_field_of_view_mask_rigid_slab():
     rot[2, 3] = 12.0  # target world -> T1w world: rotate, then up 12 mm
     m = field_of_view_mask(t1w_aff, (21, 21, 21), target_aff, (21, 21, 10), rot)
     z = -20.0 + 2.0 * np.arange(21)
-    inside = (z >= -15.0 - 1.5 + 12.0) & (z <= -15.0 + 9 * 3.0 + 1.5 + 12.0)
-    # in plane the rotated slab (21 x 21 voxels of 2 mm) covers x, y in [-21, 21] mm: the whole T1w grid
+    inside = (z >= -15.0 - 3.0 + 12.0) & (z <= -15.0 + 9 * 3.0 + 3.0 + 12.0)  # one slice of margin
+    # in plane the rotated slab (21 x 21 voxels of 2 mm) covers x, y in [-22, 22] mm: the whole T1w grid
     assert np.array_equal(m.any(axis=(0, 1)), inside)
     assert m[:, :, inside].all() and not m[:, :, ~inside].any()

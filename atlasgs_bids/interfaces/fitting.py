@@ -92,8 +92,9 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
 
 
 def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], target_affine: np.ndarray,
-                       target_shape: tuple[int, int, int], target2t1w: np.ndarray) -> np.ndarray:
-    """T1w voxels whose centre lies inside the target's field of view.
+                       target_shape: tuple[int, int, int], target2t1w: np.ndarray, *,
+                       margin_vox: float = 1.0) -> np.ndarray:
+    """T1w voxels whose centre lies inside the target's field of view (the rule of the core's ``render``).
 
     Parameters
     ----------
@@ -102,16 +103,18 @@ def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], 
     target_affine : (4, 4) target voxel index -> target world mm RAS
     target_shape : (I', J', K') of the target
     target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS
+    margin_vox : target voxels of margin beyond the first/last voxel centre (1: a thick slice's PSF still weighs
+        tissue up to about one slice beyond its centre), as in :func:`atlasgs_bids.gaussians.render.render`
 
     Returns
     -------
     (I, J, K) bool: True where the T1w voxel centre maps to target voxel coordinates within
-    ``[-0.5, n - 0.5]`` on every axis (the target's voxels cover it).
+    ``[-margin_vox, n - 1 + margin_vox]`` on every axis.
 
     >>> eye = np.eye(4)
     >>> m = field_of_view_mask(eye, (4, 4, 4), np.diag([1.0, 1.0, 2.0, 1.0]), (4, 4, 1), eye)
-    >>> int(m.sum()), bool(m[:, :, 1].all()), bool(m[:, :, 2].any())  # one 2 mm slice covers z in [-1, 1] mm
-    (32, True, False)
+    >>> int(m.sum()), bool(m[:, :, 2].all()), bool(m[:, :, 3].any())  # one 2 mm slice, margin 1: z in [-2, 2]
+    (48, True, False)
     """
     t1w2tvox = np.linalg.inv(np.asarray(target_affine, float)) @ np.linalg.inv(np.asarray(target2t1w, float)) \
         @ np.asarray(t1w_affine, float)
@@ -120,7 +123,7 @@ def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], 
     for axis in range(3):  # target coordinate `axis` is affine in (i, j, k): test it on the broadcast grid
         row = t1w2tvox[axis]
         coord = (row[0] * ii[:, None, None] + row[1] * jj[None, :, None] + row[2] * kk[None, None, :] + row[3])
-        out &= (coord >= -0.5) & (coord <= target_shape[axis] - 0.5)
+        out &= (coord >= -margin_vox) & (coord <= target_shape[axis] - 1 + margin_vox)
     return out
 
 
