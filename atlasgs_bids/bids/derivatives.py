@@ -28,10 +28,10 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+from atlasgs_bids.atomic import atomic_path, atomic_write_bytes  # noqa: F401 (re-exported)
 from atlasgs_bids.errors import InputError
 
 #: Entity keys in BIDS order (the schema's order, with derivative entities and the xfm entities at the end).
@@ -145,21 +145,6 @@ def bids_uri(path: str | os.PathLike, root: str | os.PathLike, dataset: str = "r
 
 
 # ----------------------------------------------------------------------------------------------------------- writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and :func:`os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """:func:`atomic_write_bytes` of ``obj`` as indented JSON (NaN/inf refused: they are not JSON)."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
@@ -167,16 +152,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy ``src`` to ``dst`` through a temp file in ``dst``'s folder and :func:`os.replace`."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
+    return Path(dst)
 
 
 def container_info(environ: dict[str, str] | None = None) -> dict[str, str] | None:
