@@ -42,23 +42,14 @@ def _dir_exists(parser: argparse.ArgumentParser, value: str) -> Path:
     return path
 
 
-def _positive_int(parser: argparse.ArgumentParser, value: str) -> int:
+def _positive(parser: argparse.ArgumentParser, value: str, *, kind: type = int) -> int | float:
+    """``value`` as a positive ``kind`` (int or float), else a usage error naming it."""
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        parser.error(f"not an integer: {value!r}")
-    if number < 1:
-        parser.error(f"must be a positive integer, got {number}")
-    return number
-
-
-def _positive_float(parser: argparse.ArgumentParser, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        parser.error(f"not a number: {value!r}")
+        parser.error(f"not {'an integer' if kind is int else 'a number'}: {value!r}")
     if not number > 0:
-        parser.error(f"must be > 0, got {number}")
+        parser.error(f"must be {'a positive integer' if kind is int else '> 0'}, got {number}")
     return number
 
 
@@ -93,7 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "'atlasgs-bids bench ...' (benchmarks)."),
         formatter_class=_HelpFormatter,
     )
-    pe, pd, pi, pf = (partial(f, parser) for f in (_path_exists, _dir_exists, _positive_int, _positive_float))
+    pe, pd = (partial(f, parser) for f in (_path_exists, _dir_exists))
+    pi, pf = partial(_positive, parser, kind=int), partial(_positive, parser, kind=float)
     parser.add_argument("bids_dir", type=pd, help="root of the input BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path,
                         help="root of the output derivatives dataset (created; must not be inside bids_dir)")

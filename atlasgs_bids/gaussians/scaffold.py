@@ -246,7 +246,8 @@ def _densify_and_prune(
         if k > 0:
             top = torch.topk(grad_accum, k).indices
             scale = torch.exp(ls[top])
-            big = scale.max(dim=1).values > 2.0 * opts.min_scale_mm * 2
+            # Split Gaussians wider than four times the smallest allowed sigma; clone the others.
+            big = scale.max(dim=1).values > 4.0 * opts.min_scale_mm
             # Split big ones into two children drawn inside the parent; clone small ones in place.
             covs = quat_scale_to_covar(quats[top], ls[top])
             chol = torch.linalg.cholesky(covs + 1e-6 * torch.eye(3, dtype=covs.dtype, device=covs.device))
