@@ -418,3 +418,12 @@ def test_patch_smaller_than_the_ssim_window_is_refused(phantom) -> None:
     t1, _, mask, affine = phantom
     with pytest.raises(ValueError, match="patch"):
         fit_scaffold(t1, affine, mask, dataclasses.replace(_TINY_ADAPTIVE, patch=6, steps=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [({"basis": "quadratic"}, "basis"), ({"lam": -1.0}, "lam"), ({"h": 0.0}, "h="), ({"max_iter": 0}, "max_iter")],
+)
+def test_appearance_options_refuse_bad_values(kwargs, word) -> None:
+    with pytest.raises(ValueError, match=word):
+        AppearanceOptions(**kwargs)

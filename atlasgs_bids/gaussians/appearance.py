@@ -39,6 +39,8 @@ class AppearanceOptions:
     max_iter, tol : conjugate-gradient stopping rule (relative residual)
     min_mask_fraction : target voxels whose PSF lies less than this much inside the brain mask are not fitted
         (they see tissue the scaffold does not model, e.g. skull)
+    basis : "affine" (intensity + T1w-proportional channel per Gaussian, the default; ADR 0002) or "intensity"
+    lam_ratio : lambda of the T1w-proportional channel relative to ``lam``
     """
 
     lam: float = 0.003
@@ -49,6 +51,16 @@ class AppearanceOptions:
     min_mask_fraction: float = 0.5
     basis: str = "affine"
     lam_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.basis not in ("affine", "intensity"):
+            raise ValueError(f"AppearanceOptions.basis must be 'affine' or 'intensity', got {self.basis!r}")
+        if self.lam < 0 or self.lam_ratio < 0 or self.h <= 0 or self.k_neighbours < 1 or self.max_iter < 1:
+            raise ValueError(
+                "AppearanceOptions needs lam >= 0, lam_ratio >= 0, h > 0, k_neighbours >= 1 and max_iter >= 1, "
+                f"got lam={self.lam}, lam_ratio={self.lam_ratio}, h={self.h}, k_neighbours={self.k_neighbours}, "
+                f"max_iter={self.max_iter}"
+            )
 
     @classmethod
     def preset(cls, quality: str) -> "AppearanceOptions":
