@@ -1,9 +1,12 @@
 """Stage 1: fit a subject-specific scaffold of anisotropic 3D Gaussians to the brain-masked T1w.
 
 The scaffold's geometry (means, rotations, scales) is what every target reuses; its amplitudes reproduce the
-normalised T1w. Optimisation: Adam on random 3D patches of voxels, loss L1 + lambda_ssim (1 - SSIM), with periodic
-densification (split/clone where the positional gradient is large) and pruning (weak amplitudes). Seeded, so a
-CPU run is reproducible.
+normalised T1w. Two geometries (docs/adr/0002-scaffold-geometry.md):
+
+- "lattice" (default): one Gaussian per voxel of the dilated brain mask, nothing to optimise (:func:`lattice_scaffold`).
+- "adaptive": a 2 mm lattice plus Gaussians at T1w edges, amplitudes by exact least squares, then Adam on random 3D
+  patches of voxels, loss L1 + lambda_ssim (1 - SSIM), with periodic densification (split/clone where the
+  positional gradient is large) and pruning (weak amplitudes). Seeded, so a CPU run is reproducible.
 """
 from __future__ import annotations
 
