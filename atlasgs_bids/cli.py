@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 
 from atlasgs_bids.config import DEVICES, MODALITIES, QUALITIES, Config
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.preflight import check_memory, check_writable_dir, describe_os_error
+from atlasgs_bids.processes import Terminated, kill_workers, pin_native_seeds, sigterm_as_interrupt
 from atlasgs_bids.version import __version__
 
 LOGGER = logging.getLogger("atlasgs")
@@ -133,7 +135,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="Nipype working directory; reusing it skips finished steps (default: a temporary one, "
                         "removed at the end)")
     g.add_argument("--reports-only", "--reports_only", dest="reports_only", action="store_true",
-                   help="fit nothing: only write the methods text of each participant from existing derivatives")
+                   help="fit nothing: redraw each participant's report (sub-X.html, figures) and methods text from "
+                        "existing derivatives and the QC records under sub-X/qc/")
     g.add_argument("--version", action="version", version=f"atlasgs-bids {__version__}")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output; tracebacks for input errors")
     return parser
@@ -201,12 +204,14 @@ def setup_logging(verbose: int = 0) -> None:
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     LOGGER.propagate = False
-    global _NIPYPE_LEVEL
+    global _NIPYPE_LEVEL, _VERBOSE
     _NIPYPE_LEVEL = "INFO" if verbose else "WARNING"
+    _VERBOSE = int(verbose)
     quiet_nipype()
 
 
 _NIPYPE_LEVEL = "WARNING"
+_VERBOSE = 0
 
 
 def quiet_nipype() -> None:
@@ -329,6 +334,10 @@ def run_participant_level(config: Config) -> int:
         raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
     config = config.replace("resources", device=resolve_device(config.resources.device))
     LOGGER.info("device: %s", config.resources.device)
+    check_memory(inputs, config)
+    check_writable_dir(ex.output_dir, "output_dir")
+    if ex.work_dir is not None:
+        check_writable_dir(ex.work_dir, "--work-dir")
 
     bd.write_dataset_description(ex.output_dir, ex.bids_dir, __version__)
     bd.write_bidsignore(ex.output_dir)
@@ -345,7 +354,12 @@ def run_participant_level(config: Config) -> int:
             if ex.reports_only:
                 wf = init_participant_wf(subject_inputs=si, config=config)
                 bd.atomic_write_bytes(ex.log_dir / f"{si.label}_methods.txt", methods_text(wf).encode())
-                LOGGER.info("%s: --reports-only: methods text written, nothing fitted", si.label)
+                from atlasgs_bids.reports.subject import regenerate_reports
+
+                with stage(f"{si.label} report"):
+                    pages = regenerate_reports(ex.output_dir, [si], version=__version__)
+                LOGGER.info("%s: --reports-only: %s from the derivatives, nothing fitted", si.label,
+                            ", ".join(f"{p.name} rewritten" for p in pages) or "no report")
                 continue
             staging = bd.new_staging_dir(ex.output_dir, si.label)
             t0 = time.perf_counter()
@@ -371,18 +385,25 @@ def run_participant_level(config: Config) -> int:
                                                  "outputs": [str(p.relative_to(ex.output_dir)) for p in moved]})
                 LOGGER.info("%s: %d derivatives written", si.label, len(moved))
             except Exception as exc:  # one participant failing must not leave partial outputs
+                kill_workers(quiet=not _VERBOSE)
                 bd.discard_staging(staging)
                 headline, is_input = root_cause(exc)
+                detail = str(exc) if "Traceback" in str(exc) else traceback.format_exc()
                 if is_input:
-                    LOGGER.error("%s: input error: %s; no derivatives written for it", si.label, headline)
+                    LOGGER.error("%s: input error: %s; no derivatives written for it%s", si.label, headline,
+                                 f"\n{detail}" if _VERBOSE else "")
                 else:
-                    detail = str(exc) if "Traceback" in str(exc) else traceback.format_exc()
-                    LOGGER.error("%s: processing failed (%s); no derivatives written for it; crash files in %s\n%s",
-                                 si.label, headline, ex.log_dir, detail)
-                _write_status(config, si.label, {"status": "failed", "error": headline, "input_error": is_input,
-                                                 "seconds": round(time.perf_counter() - t0, 2)})
+                    disk = describe_os_error(exc)
+                    LOGGER.error("%s: processing failed (%s)%s; no derivatives written for it; details in %s "
+                                 "(crash files), or rerun with -v%s", si.label, headline, f": {disk}" if disk else "",
+                                 ex.log_dir, f"\n{detail}" if _VERBOSE else "")
+                with contextlib.suppress(Exception):  # the status is a courtesy: a full disk must not hide the error
+                    _write_status(config, si.label, {"status": "failed", "error": headline, "input_error": is_input,
+                                                     "seconds": round(time.perf_counter() - t0, 2),
+                                                     "traceback": detail})
                 failures.append((si.label, is_input))
-            except BaseException:  # interrupted: still leave nothing partial
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM): stop the workers, then leave nothing partial
+                kill_workers(everything=True, quiet=not _VERBOSE)
                 bd.discard_staging(staging)
                 raise
     finally:
@@ -397,7 +418,7 @@ def run_participant_level(config: Config) -> int:
 
 
 def run_group_level(config: Config) -> int:
-    """Write ``group_qc.tsv`` from the derivatives' sidecars."""
+    """Write ``group_qc.tsv`` and ``group_qc.html`` from the derivatives' sidecars."""
     from atlasgs_bids.workflows.group import expected_participants, write_group_qc
 
     ex = config.execution
@@ -405,7 +426,7 @@ def run_group_level(config: Config) -> int:
         raise InputError(f"{ex.output_dir}: no derivatives here; run the participant level first")
     with stage("group QC table"):
         path = write_group_qc(ex.output_dir, expected_participants(ex.bids_dir, ex.participant_label))
-    LOGGER.info("group QC: %s", path)
+    LOGGER.info("group QC: %s and %s", path, path.with_suffix(".html"))
     return EXIT_OK
 
 
@@ -507,12 +528,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_args(argv)
         verbose = opts.verbose
         setup_logging(verbose)
+        pin_native_seeds(opts.seed)
         config = build_config(opts)
         LOGGER.info("atlasgs-bids %s: %s level on %s -> %s", __version__, config.execution.analysis_level,
                     config.execution.bids_dir, config.execution.output_dir)
-        if config.execution.analysis_level == "participant":
-            return run_participant_level(config)
-        return run_group_level(config)
+        with sigterm_as_interrupt():
+            if config.execution.analysis_level == "participant":
+                return run_participant_level(config)
+            return run_group_level(config)
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except InputError as exc:
@@ -520,13 +543,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(verbose)
         LOGGER.error("input error: %s", exc, exc_info=bool(verbose))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        LOGGER.error("interrupted")
-        return 130
-    except Exception:
+    except KeyboardInterrupt as exc:  # Ctrl-C (SIGINT) or SIGTERM (Terminated): workers stopped, staging removed
+        name, code = ("SIGTERM", 128 + 15) if isinstance(exc, Terminated) else ("SIGINT", 128 + 2)
+        LOGGER.error("interrupted by %s: stopped; no partial derivatives were left (rerun to finish)", name)
+        return code
+    except Exception as exc:
         if not LOGGER.handlers:
             setup_logging(verbose)
-        LOGGER.exception("processing failed")
+        headline, _ = root_cause(exc)
+        disk = describe_os_error(exc)
+        LOGGER.error("processing failed: %s%s%s", headline, f"; {disk}" if disk else "",
+                     "" if verbose else " (rerun with -v for the traceback)", exc_info=bool(verbose))
         return EXIT_FAILURE
 
 

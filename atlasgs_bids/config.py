@@ -183,3 +183,51 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+# ------------------------------------------------------------------------------------------------- memory model
+#: Memory model of a participant run (CPU, stage 2 is the peak), fitted on two measured runs (peak RSS of the whole
+#: process tree, ``--quality fast --nprocs 1``, OMP_NUM_THREADS=1): the tiny sample (T1w 2.5 mm, 138,506 brain
+#: voxels) peaked at 1.71 GB, the demo sample (T1w 1.6 mm, 500,945 brain voxels) at 3.16 GB. GB = 1e9 bytes.
+MEM_BASE_GB = 1.2
+"""Main process, forkserver and one worker with torch, nibabel and ANTs loaded."""
+MEM_WORKER_GB = 0.5
+"""Each further worker process fitting a target in parallel (``--nprocs`` > 1)."""
+MEM_PER_BRAIN_VOXEL_B = 4.0e3
+"""Stage 2 (appearance fit + render) per brain voxel of the T1w grid: Gaussians, their neighbour lists, CG vectors."""
+MEM_PER_TARGET_VOXEL_B = 12.0
+"""Per target voxel (all volumes of a 4D series): the data as float32 and two working copies."""
+BRAIN_VOLUME_ML = 2200.0
+"""Prior brain-mask volume (mL) used before the mask exists: the template's generous mask is 2.05-2.16 L."""
+
+
+def estimate_peak_memory_gb(t1w_voxels: int, t1w_voxel_mm3: float, target_voxels: tuple[int, ...] = (),
+                            nprocs: int = 1) -> float:
+    """Estimated peak memory (GB, 1e9 bytes) of one participant on CPU, from image headers only.
+
+    ``brain = min(t1w_voxels, BRAIN_VOLUME_ML * 1000 / t1w_voxel_mm3)`` brain voxels are assumed (the mask is not
+    known before the run); ``k = min(nprocs, len(target_voxels))`` targets are fitted at once::
+
+        peak = MEM_BASE_GB + (k - 1) * MEM_WORKER_GB + k * (MEM_PER_BRAIN_VOXEL_B * brain
+                                                            + MEM_PER_TARGET_VOXEL_B * max(target_voxels)) / 1e9
+
+    Parameters
+    ----------
+    t1w_voxels : int
+        Voxels of the T1w grid (I * J * K).
+    t1w_voxel_mm3 : float
+        Volume of one T1w voxel, mm^3.
+    target_voxels : tuple of int
+        Voxels of each target, all volumes included (I * J * K * V).
+    nprocs : int
+        ``--nprocs``.
+
+    >>> round(estimate_peak_memory_gb(64 * 78 * 68, 2.5 ** 3, (74 * 85 * 26,)), 2)  # tiny sample: measured 1.71
+    1.77
+    >>> round(estimate_peak_memory_gb(99 * 121 * 105, 1.6 ** 3, (115 * 132 * 30,)), 2)  # demo: measured 3.16
+    3.35
+    """
+    brain = min(float(t1w_voxels), BRAIN_VOLUME_ML * 1000.0 / max(float(t1w_voxel_mm3), 1e-9))
+    k = max(1, min(int(nprocs), len(target_voxels) or 1))
+    per_fit = MEM_PER_BRAIN_VOXEL_B * brain + MEM_PER_TARGET_VOXEL_B * max(target_voxels or (0,))
+    return MEM_BASE_GB + (k - 1) * MEM_WORKER_GB + k * per_fit / 1e9

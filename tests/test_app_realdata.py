@@ -172,6 +172,7 @@ def test_group_level_table(chris):
     assert len(rows) == 2 and (row["participant_id"], row["modality"], row["status"]) == ("sub-chris", "PDw", "ok")
     sidecar = json.loads((chris["out"] / f"{PDW}.json").read_text())
     assert float(row["runtime_seconds"]) == pytest.approx(sidecar["Runtime"]["total_seconds"], abs=1e-2)
+    assert "sub-chris.html" in (chris["out"] / "group_qc.html").read_text()  # links to the participant report
 
 
 def test_work_dir_reuse_skips_fitting(chris, tmp_path):
@@ -203,3 +204,21 @@ def test_demo_end_to_end(tmp_path, capsys):
               if line.strip().startswith(("atlasgs ", "cubic "))}
     assert set(scores) == {"atlasgs", "cubic"} and all(np.isfinite(v).all() for v in scores.values())
     assert scores["atlasgs"][0] > scores["cubic"][0]  # PSNR: ours beats cubic on the known truth
+
+
+def test_qc_report_and_self_validation(chris):
+    """Issue 4 on real data: the participant report, held-out-slice scores and registration QC in the sidecar."""
+    from atlasgs_bids.qc.registration import WARN_NCC
+
+    out = chris["out"]
+    html = (out / "sub-chris.html").read_text()
+    figures = sorted(p.name for p in (out / "sub-chris" / "figures").iterdir())
+    assert figures and all(name in html for name in figures)  # every figure written is shown
+    assert "http://" not in html and "https://" not in html  # self-contained
+    metrics = json.loads((out / f"{PDW}.json").read_text())["Metrics"]
+    assert metrics["registration_ncc"] > WARN_NCC  # header is ~9 deg / 11 mm off; registration recovers it
+    for key in ("heldout_psnr", "heldout_cubic_psnr", "heldout_ncc", "heldout_cubic_ncc"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["heldout_gain_db"] == pytest.approx(metrics["heldout_psnr"] - metrics["heldout_cubic_psnr"],
+                                                       abs=1e-6)
+    assert 0 < metrics["relative_residual"] < 0.1

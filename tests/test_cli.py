@@ -13,6 +13,7 @@ import pytest
 from atlasgs_bids import cli
 from atlasgs_bids.config import Config
 from atlasgs_bids.interfaces.progress import Progress
+from atlasgs_bids.processes import pin_native_seeds
 
 from test_layout import ISO, THICK, make_bids
 
@@ -124,17 +125,44 @@ def test_input_error_in_a_node_exit_2_leaves_no_partial_outputs(tmp_path, capsys
     assert Config.from_toml(toml.read_text()).execution.skull_stripped is True
 
 
-def test_processing_failure_exit_1_with_traceback(tmp_path, capsys):
-    """A failure that is not the user's input (here: the work dir cannot be created) exits 1 with a traceback."""
+def test_unusable_work_dir_exit_2_before_any_output(tmp_path, capsys):
+    """A --work-dir that cannot be created (a file in the way) is the user's to fix: exit 2, named, nothing written."""
     bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T1w.nii.gz": ISO, "sub-01/anat/sub-01_T2w.nii.gz": THICK})
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     rc = cli.main(_args(bids, tmp_path / "out", "--skip-bids-validation", "--device", "cpu",
                         "-w", str(blocker / "work")))
     err = capsys.readouterr().err
-    assert rc == 1
-    assert "processing failed" in err and "Traceback" in err
+    assert rc == 2
+    assert f"--work-dir <{blocker / 'work'}> is not a writable folder" in err and "Traceback" not in err
     assert not list((tmp_path / "out").glob("sub-*"))
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_processing_failure_exit_1_traceback_only_with_verbose(tmp_path, capsys, monkeypatch, verbose):
+    """An unexpected failure outside a participant (here injected into the participant level) exits 1 with its
+    one-line cause; the traceback only with -v."""
+    bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T1w.nii.gz": ISO, "sub-01/anat/sub-01_T2w.nii.gz": THICK})
+
+    def boom(config):
+        raise OSError(28, "No space left on device", str(tmp_path / "work" / "x.pklz"))
+
+    monkeypatch.setattr(cli, "run_participant_level", boom)
+    rc = cli.main(_args(bids, tmp_path / "out", "--skip-bids-validation", *(["-v"] if verbose else [])))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "processing failed: OSError: [Errno 28] No space left on device" in err
+    assert "free space, or point --work-dir at a larger file system" in err
+    assert ("Traceback" in err) is verbose
+
+
+def test_pin_native_seeds():
+    env = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "3"}  # the user's choice wins
+    pin_native_seeds(0, env)
+    assert env == {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "3", "ANTS_RANDOM_SEED": "1"}
+    env = {}
+    pin_native_seeds(4, env)
+    assert env == {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "ANTS_RANDOM_SEED": "5"}
 
 
 def test_config_toml_roundtrip(tmp_path):

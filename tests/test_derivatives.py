@@ -182,3 +182,24 @@ def test_target_sidecar_runtime_total_and_acquisition():
                                   "appearance_seconds_build": 20.0, "render_seconds": 5.0, "total_seconds": 45.0}
     assert sidecar["Parameters"]["acquisition"] == {"slice_axis": 2, "slice_thickness_mm": 2.4}
     assert sidecar["Metrics"] == {"registration_mattes_mi": 0.4, "iterations": 80, "final_relative_residual": 1e-4}
+
+
+def test_new_staging_dir_removes_only_stale_staging_of_this_label(tmp_path):
+    """A killed run's staging folder (this host, dead pid) is removed by the next run of the same participant;
+    live processes', other hosts' and other participants' are left alone (array jobs share output_dir)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = bd._host()
+    stale = tmp_path / f".staging-sub-01-{host}_{dead}_abc"
+    live = tmp_path / f".staging-sub-01-{host}_{os.getpid()}_def"
+    other_host = tmp_path / f".staging-sub-01-elsewhere_{dead}_ghi"
+    other_label = tmp_path / f".staging-sub-02-{host}_{dead}_jkl"
+    for d in (stale, live, other_host, other_label):
+        (d / "sub-x" / "anat").mkdir(parents=True)
+    assert bd.stale_staging_dirs(tmp_path, "sub-01") == [stale]
+    new = bd.new_staging_dir(tmp_path, "sub-01")
+    assert not stale.exists() and live.exists() and other_host.exists() and other_label.exists()
+    assert new.name.startswith(f".staging-sub-01-{host}_{os.getpid()}_")

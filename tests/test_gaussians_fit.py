@@ -427,3 +427,17 @@ def test_patch_smaller_than_the_ssim_window_is_refused(phantom) -> None:
 def test_appearance_options_refuse_bad_values(kwargs, word) -> None:
     with pytest.raises(ValueError, match=word):
         AppearanceOptions(**kwargs)
+
+
+def test_kept_residual_equals_measured_minus_forward_prediction(phantom, scaffold) -> None:
+    """The residual the fit keeps is y - A c at its fitted voxels, in the target's units (what QC maps)."""
+    from atlasgs_bids.gaussians.appearance import predict
+
+    t1, _, _, affine = phantom
+    data, _, acq = simulate_thick_slices(t1 * 300.0 + 20.0, affine, FACTOR)  # units and offset not 0..1
+    app = fit_appearance(scaffold, data, acq, np.eye(4), AppearanceOptions.preset("fast"))
+    ijk = app.fitted_ijk
+    assert ijk is not None and ijk.shape == (app.diagnostics["n_measurements"], 3)
+    expected = data.reshape(*data.shape[:3], -1)[tuple(ijk.T)] - predict(app, acq, ijk)
+    np.testing.assert_allclose(app.fitted_residual, expected, atol=1e-4 * float(np.abs(data).max()))
+    assert np.abs(app.fitted_residual).max() > 1e-3  # a regularised fit does not interpolate the data exactly

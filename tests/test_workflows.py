@@ -54,7 +54,13 @@ def test_participant_graph(bids_root, tmp_path, modalities, skull_stripped, qual
     assert target_wfs == {expected_targets[m] for m in modalities}
     for t in target_wfs:
         assert {f"{t}.{n}" for n in ("inputnode", "reference", "register", "harmonize", "sidecar", "ds_target",
-                                     "outputnode")} <= names
+                                     "outputnode", "registration_qc", "self_validation", "qc")} <= names
+        twf = wf.get_node(t)
+        assert {"qc_json", "residual"} <= set(twf.get_node("outputnode").inputs.copyable_trait_names())
+        assert twf.get_node("self_validation").inputs.quality == quality
+        edges = {(u.name, v.name) for u, v in twf._graph.edges()}  # noqa: SLF001
+        # the fit waits for the registration QC; the sidecar carries the QC metrics
+        assert {("registration_qc", "harmonize"), ("qc", "sidecar"), ("self_validation", "qc")} <= edges
     assert ("dwi_wf.rotate_bvecs" in names) == ("dwi" in modalities)
     assert wf.get_node("brain_mask").inputs.method == ("skull_stripped" if skull_stripped else "deepbet")
     assert wf.get_node("fit_scaffold").inputs.quality == quality

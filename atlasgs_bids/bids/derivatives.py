@@ -243,7 +243,8 @@ def write_readme(output_dir: str | os.PathLike) -> Path:
 
 
 #: Outputs the BIDS schema does not know yet (bids-validator-deno 3.0 reports them NOT_INCLUDED), as fMRIPrep does.
-BIDSIGNORE = ("logs/", "figures/", "*.html", "group_qc.tsv", "*_xfm.txt", "*_gaussians.npz", "*_gaussians.json")
+BIDSIGNORE = ("logs/", "figures/", "sub-*/figures", "sub-*/qc", "*.html", "group_qc.tsv", "*_xfm.txt",
+              "*_gaussians.npz", "*_gaussians.json")
 
 
 def write_bidsignore(output_dir: str | os.PathLike) -> Path:
@@ -252,11 +253,39 @@ def write_bidsignore(output_dir: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- staging
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_staging_dirs(output_dir: str | os.PathLike, label: str) -> list[Path]:
+    """Staging folders of ``label`` left by a run on this host whose process is gone (killed: SIGKILL, power,
+    out of memory). Folders of other hosts or of live processes are never listed (array jobs share output_dir)."""
+    out, host, found = Path(output_dir), _host(), []
+    for d in out.glob(f".staging-{label}-*"):
+        parts = d.name[len(f".staging-{label}-"):].split("_")
+        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            found.append(d)
+    return sorted(found)
+
+
 def new_staging_dir(output_dir: str | os.PathLike, label: str) -> Path:
-    """A fresh hidden staging folder inside ``output_dir`` (same file system, so moves are renames)."""
+    """A fresh hidden staging folder ``.staging-<label>-<host>_<pid>_<random>`` inside ``output_dir`` (same file
+    system, so moves are renames); stale ones of the same label left by killed runs on this host are removed."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".staging-{label}-", dir=out))
+    for stale in stale_staging_dirs(out, label):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{label}-{_host()}_{os.getpid()}_", dir=out))
 
 
 def commit_staging(staging: str | os.PathLike, output_dir: str | os.PathLike) -> list[Path]:

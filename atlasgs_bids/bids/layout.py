@@ -180,7 +180,26 @@ def open_layout(bids_dir: str | os.PathLike):
     try:
         return BIDSLayout(str(root), validate=False, derivatives=False)
     except Exception as exc:
+        bad = _first_invalid_json(root)
+        if bad is not None:
+            raise InputError(bad) from None
         raise InputError(f"{root}: pybids cannot index this dataset ({exc})") from None
+
+
+def _first_invalid_json(root: Path) -> str | None:
+    """``"<file>: ... not valid JSON (...)"`` for the first JSON file of the dataset that does not parse (hidden
+    folders, ``derivatives/``, ``sourcedata/`` and ``code/`` skipped), else ``None``."""
+    skip = {"derivatives", "sourcedata", "code"}
+    for js in sorted(root.rglob("*.json")):
+        rel = js.relative_to(root).parts
+        if rel[0] in skip or any(part.startswith(".") for part in rel):
+            continue
+        try:
+            json.loads(js.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return (f"{js}: this JSON sidecar is not valid JSON ({exc}); fix it, e.g. check it with "
+                    f"'python -m json.tool {js}'")
+    return None
 
 
 def _get(layout, subject: str, session: str | None, query: dict[str, Any], has_sessions: bool) -> list:
@@ -287,8 +306,81 @@ def collect_inputs(bids_dir: str | os.PathLike, *, participant_label: Iterable[s
     return found
 
 
+def _sidecar_candidates(path: Path, root: Path) -> list[Path]:
+    """JSON files that BIDS inheritance may apply to ``path``: same folder and each parent up to ``root``, whose
+    name ends with ``_<suffix>.json`` (or is ``<suffix>.json``)."""
+    _, suffix, _ = _entities_suffix(path)
+    out: list[Path] = []
+    folder = path.parent
+    while True:
+        out.extend(sorted(p for p in folder.glob("*.json") if p.name == f"{suffix}.json"
+                          or p.name.endswith(f"_{suffix}.json")))
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return out
+
+
+def _entities_suffix(path: Path) -> tuple[str, str, str]:
+    stem, _, ext = _split(path)
+    return stem, stem.rsplit("_", 1)[-1], ext
+
+
+def read_metadata(layout, path: Path) -> dict[str, Any]:
+    """Sidecar metadata of ``path`` (inherited JSON merged by pybids), checked: every sidecar parses as a JSON
+    object and ``SliceThickness`` / ``SpacingBetweenSlices``, when present, are positive numbers (mm).
+
+    Raises :class:`InputError` naming the sidecar that is wrong."""
+    root = Path(layout.root)
+    for js in _sidecar_candidates(path, root):
+        try:
+            data = json.loads(js.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{js}: this JSON sidecar (of {path.name}) is not valid JSON ({exc}); fix it, e.g. "
+                             f"check it with 'python -m json.tool {js}'") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{js}: this JSON sidecar (of {path.name}) must hold a JSON object {{...}}, "
+                             f"not a {type(data).__name__}")
+    try:
+        meta = dict(layout.get_metadata(str(path)))
+    except Exception as exc:  # pybids parses the same files; anything else it trips on is the user's data too
+        raise InputError(f"{path}: its JSON sidecar metadata cannot be read ({type(exc).__name__}: {exc})") from None
+    for key in ("SliceThickness", "SpacingBetweenSlices"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+        if not ok:
+            where = ", ".join(str(js) for js in _sidecar_candidates(path, root)) or str(path)
+            raise InputError(f"{where}: {key} of {path.name} is {value!r}; it must be a positive number of mm "
+                             "(or be left out: the slice spacing is then used)")
+    return meta
+
+
+def _check_dwi_gradients(path: Path, bval: Path, bvec: Path) -> None:
+    """The .bval / .bvec of a dwi series parse as numbers and list one value (one 3-vector) per volume."""
+    try:
+        n_vols = int(nib.load(str(path)).shape[3]) if len(nib.load(str(path)).shape) == 4 else 1
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read this NIfTI ({exc}); re-export it") from None
+    try:
+        b = np.atleast_1d(np.loadtxt(bval, dtype=float, ndmin=1)).ravel()
+    except Exception as exc:
+        raise InputError(f"{bval}: not a list of numbers ({exc}); fix the .bval file") from None
+    try:
+        v = np.loadtxt(bvec, dtype=float, ndmin=2)
+    except Exception as exc:
+        raise InputError(f"{bvec}: not a 3-row table of numbers ({exc}); fix the .bvec file") from None
+    if b.size != n_vols:
+        raise InputError(f"{bval}: {b.size} b-values but {path.name} has {n_vols} volumes; the .bval must list one "
+                         "value per volume")
+    if v.shape != (3, n_vols):
+        raise InputError(f"{bvec}: shape {v.shape[0]}x{v.shape[1]} but {path.name} has {n_vols} volumes; the .bvec "
+                         f"must have 3 rows of {n_vols} values")
+
+
 def _target_input(layout, path: Path, modality: str) -> TargetInput:
-    meta = dict(layout.get_metadata(str(path)))
+    meta = read_metadata(layout, path)
     zooms = voxel_sizes(path)
     bval = bvec = aslcontext = None
     if modality == "dwi":
@@ -299,6 +391,7 @@ def _target_input(layout, path: Path, modality: str) -> TargetInput:
         if not (bval and bval.is_file() and bvec and bvec.is_file()):
             raise InputError(f"{path}: a dwi series needs its .bval and .bvec files (same name, or inherited); "
                              "add them or leave dwi out with --modalities")
+        _check_dwi_gradients(path, bval, bvec)
     if modality == "asl":
         ents, _, ext = _split(path)
         aslcontext = path.with_name(path.name[: -len(f"_asl{ext}")] + "_aslcontext.tsv")

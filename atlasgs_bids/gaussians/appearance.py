@@ -80,6 +80,9 @@ class Appearance:
     diagnostics : seconds, iterations, residual_rms, history, n_measurements, options
     target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
         view the data constrain (outside it the field is only the regulariser's extrapolation)
+    fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
+    fitted_residual : [M, V] float32, measured minus the forward prediction ``A c`` at ``fitted_ijk``, in the
+        target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
     """
 
     scaffold: Scaffold
@@ -88,6 +91,8 @@ class Appearance:
     diagnostics: dict = field(default_factory=dict)
     target_vox2t1w: np.ndarray | None = None
     target_shape: tuple[int, int, int] | None = None
+    fitted_ijk: np.ndarray | None = None
+    fitted_residual: np.ndarray | None = None
 
     @property
     def n_volumes(self) -> int:
@@ -241,7 +246,9 @@ def fit_appearance(
     coeffs, info = fit_coefficients(
         a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0
     )
-    resid = y - a_mat.matmul(coeffs)
+    pred = a_mat.matmul(coeffs)
+    resid = y - pred
+    fitted_residual = (y_raw - np.asarray(intensity.invert(pred.cpu().numpy()), dtype=np.float32)).astype(np.float32)
     seconds = time.perf_counter() - t0
     diagnostics = {
         "seconds": seconds,
@@ -262,4 +269,55 @@ def fit_appearance(
         diagnostics=diagnostics,
         target_vox2t1w=vox2t1w,
         target_shape=tuple(acquisition.shape),
+        fitted_ijk=ijk.astype(np.int32),
+        fitted_residual=fitted_residual,
     )
+
+
+def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndarray,
+               options: AppearanceOptions | None = None) -> np.ndarray:
+    """Target voxel indices [M, 3] (int) that :func:`fit_appearance` fits when given no ``mask``.
+
+    The brain-mask rule: the voxel's centre lies in the scaffold's bounding box and at least
+    ``options.min_mask_fraction`` of its through-plane PSF lies inside the scaffold's brain mask.
+
+    Parameters
+    ----------
+    scaffold : stage-1 result (T1w world mm RAS)
+    acquisition : the target's geometry and PSF (its ``affine``: target voxel -> target world mm RAS)
+    target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS
+    options : :class:`AppearanceOptions` (only ``min_mask_fraction`` is used); default preset by default
+    """
+    opts = options or AppearanceOptions.preset("default")
+    vox2t1w = target_vox2t1w(acquisition, np.asarray(target2t1w, dtype=np.float64))
+    ijk = _candidate_voxels(scaffold, vox2t1w, acquisition)
+    if not len(ijk):
+        return ijk
+    return ijk[_mask_fraction(scaffold, vox2t1w, ijk, acquisition) >= opts.min_mask_fraction]
+
+
+def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *,
+            device: str | torch.device = "cpu") -> np.ndarray:
+    """What the target's voxels ``ijk`` would measure under the fitted appearance (the forward model, ``A c``).
+
+    Parameters
+    ----------
+    appearance : stage-2 result; its ``target_vox2t1w`` places the target's voxels in T1w world
+    acquisition : the target's acquisition model (slice profile and PSF) the appearance was fitted through
+    ijk : [M, 3] int target voxel indices (they need not have been fitted: held-out voxels are predicted the same
+        way)
+    device : torch device of the computation
+
+    Returns
+    -------
+    float32 [M, V], in the target's own units (V volumes).
+    """
+    if appearance.target_vox2t1w is None:
+        raise ValueError("the appearance carries no target geometry (target_vox2t1w): cannot predict measurements")
+    ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
+    device = torch.device(device)
+    sc = appearance.scaffold.to(device)
+    a_mat = measurement_matrix(sc.means, sc.covs(), appearance.target_vox2t1w, ijk, acquisition)
+    with torch.no_grad():
+        y = a_mat.matmul(appearance.coeffs.to(device)).cpu().numpy()
+    return np.asarray(appearance.intensity.invert(y), dtype=np.float32)

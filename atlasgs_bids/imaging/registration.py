@@ -295,7 +295,8 @@ def register_rigid(
             "--convergence", "[" + "x".join(str(int(i)) for i in iterations) + ",1e-6,10]",
             "--shrink-factors", "x".join(str(int(f)) for f in shrink_factors),
             "--smoothing-sigmas", "x".join(f"{s:g}" for s in sigmas) + "mm",
-            "--random-seed", str(int(seed)),
+            # ANTs reads --random-seed 0 as "seed from the clock" (runs then differ, even land in other optima)
+            "--random-seed", str(int(seed) + 1),
             "--verbose", "0",
         ]
         if mask_ants is not None:

@@ -20,13 +20,16 @@ METHOD = ("AtlasGS: a 3D Gaussian scaffold fitted to the subject's T1w (stage 1)
 
 def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: str, modality: str,
                    parameters: dict[str, Any], registration: dict[str, Any], appearance: dict[str, Any],
-                   device: str, version: str) -> dict[str, Any]:
+                   device: str, version: str, qc: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON sidecar of a harmonised target.
 
     Keys: the source's metadata (less :data:`DROPPED_META`), ``Sources`` (BIDS URIs), ``SpatialReference``,
     ``Method``, ``Parameters`` (with the slice profile used), ``Version``, ``Metrics`` (registration mutual
     information, stage-2 diagnostics: CG iterations, residuals, sizes, brain fraction in the target's field of view),
-    ``Runtime`` (seconds per stage and ``total_seconds``), ``Device``.
+    ``Runtime`` (seconds per stage and ``total_seconds``), ``Device``. With ``qc`` (the QC JSON of
+    :func:`atlasgs_bids.interfaces.qc.qc_document`), ``Metrics`` gains ``registration_ncc``,
+    ``registration_mask_dice``, ``heldout_{psnr,ncc,mae}``, ``heldout_cubic_{psnr,ncc,mae}``, ``heldout_gain_db``,
+    ``relative_residual`` (None where not computed) and the sidecar a top-level ``QCFlags`` list.
     """
     out = {k: v for k, v in meta.items() if k not in DROPPED_META}
     scalars = {k: v for k, v in appearance.items()
@@ -58,6 +61,20 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         "Device": device,
         "SkullStripped": True,  # rendered inside the T1w brain mask
     })
+    if qc is not None:
+        reg = qc.get("registration") or {}
+        sv = qc.get("self_validation") or {}
+        ours, cub = sv.get("atlasgs") or {}, sv.get("cubic") or {}
+        out["Metrics"].update({
+            "registration_ncc": reg.get("ncc"), "registration_mask_dice": reg.get("mask_dice"),
+            **{f"heldout_{k}": ours.get(k) for k in ("psnr", "ncc", "mae")},
+            **{f"heldout_cubic_{k}": cub.get(k) for k in ("psnr", "ncc", "mae")},
+            "heldout_gain_db": sv.get("gain_psnr_db"),
+            "relative_residual": (qc.get("fit") or {}).get("relative_residual"),
+        })
+        out["Runtime"]["qc_registration_seconds"] = reg.get("seconds")
+        out["Runtime"]["qc_selfval_seconds"] = sv.get("seconds")
+        out["QCFlags"] = list(qc.get("flags") or [])
     return out
 
 
@@ -69,6 +86,7 @@ class _SidecarInputSpec(BaseInterfaceInputSpec):
     parameters = traits.Dict(usedefault=True, desc="method parameters (quality, seed, ...)")
     registration_report = File(exists=True, mandatory=True, desc="RigidRegistration JSON")
     appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON")
+    qc_file = File(exists=True, desc="TargetQC JSON (metrics and flags)")
     device = traits.Str("cpu", usedefault=True, desc="torch device used")
     version = traits.Str(mandatory=True, desc="atlasgs-bids version")
 
@@ -90,7 +108,8 @@ class TargetSidecar(SimpleInterface):
             modality=self.inputs.modality, parameters=self.inputs.parameters,
             registration=json.loads(Path(self.inputs.registration_report).read_text()),
             appearance=json.loads(Path(self.inputs.appearance_report).read_text()),
-            device=self.inputs.device, version=self.inputs.version)
+            device=self.inputs.device, version=self.inputs.version,
+            qc=json.loads(Path(self.inputs.qc_file).read_text()) if self.inputs.qc_file else None)
         out = Path(runtime.cwd) / "sidecar.json"
         atomic_write_json(out, sidecar)
         self._results.update(out_file=str(out), metrics=sidecar["Metrics"])

@@ -40,13 +40,16 @@ def fit_scaffold_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike,
 def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathLike,
                    xfm_file: str | os.PathLike, t1w_file: str | os.PathLike, mask_file: str | os.PathLike,
                    out_file: str | os.PathLike, *, slice_thickness: float | None = None, quality: str = "default",
-                   device: str = "cpu", threads: int = 1) -> dict:
+                   device: str = "cpu", threads: int = 1, residual_file: str | os.PathLike | None = None) -> dict:
     """Stage 2 on one target, then render it on the T1w grid.
 
     The target is used on its own grid (never resampled before fitting); ``xfm_file`` is the ITK transform that
     resamples the target onto the T1w, i.e. it holds T1w -> target (RAS after :func:`read_itk_affine`), so
     ``target2t1w`` is its inverse. Writes ``out_file`` (float32, T1w grid, 3D or 4D) and returns the appearance
-    diagnostics (JSON-safe) plus ``render_seconds``.
+    diagnostics (JSON-safe) plus ``render_seconds``, the CG convergence ``history`` (relative residual per
+    iteration) and ``relative_residual`` (data consistency: ``||y - A c|| / ||y||`` over the fitted voxels and
+    volumes, target units). With ``residual_file``, also writes the residual ``y - A c`` of the first volume on the
+    target's grid (float32, 0 outside the fitted voxels; :func:`residual_map`).
     """
     from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
     from atlasgs_bids.gaussians.io import load_scaffold
@@ -79,6 +82,15 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     history = list(raw.get("history") or [])
     if history:
         diag["final_relative_residual"] = float(history[-1])
+    diag["history"] = [float(v) for v in history]
+    t0 = time.perf_counter()
+    resid, rel = residual_map(appearance, data, acq, target2t1w, AppearanceOptions.preset(quality), device=device)
+    diag["relative_residual"] = rel
+    diag["residual_seconds"] = time.perf_counter() - t0
+    if residual_file is not None:
+        res_img = nib.Nifti1Image(resid, target.affine)
+        res_img.header.set_xyzt_units("mm", "sec")
+        save_nifti(res_img, residual_file)
     diag["brain_fraction_in_target_fov"] = float(render_mask.sum() / max(int(mask.sum()), 1))
     zooms = np.sqrt((target.affine[:3, :3] ** 2).sum(axis=0))
     diag["acquisition"] = {"slice_axis": int(acq.slice_axis),
@@ -89,6 +101,38 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
                            "profile": acq.profile}
     diag["render_seconds"] = render_s
     return diag
+
+
+def residual_map(appearance, data: np.ndarray, acquisition, target2t1w: np.ndarray, options=None, *,
+                 device: str = "cpu") -> tuple[np.ndarray, float]:
+    """The data-consistency residual of a stage-2 fit: measured minus the forward model's prediction.
+
+    Parameters
+    ----------
+    appearance : :class:`~atlasgs_bids.gaussians.appearance.Appearance` fitted on ``data``
+    data : (I, J, K) or (I, J, K, V) the target, its own grid and units
+    acquisition : its :class:`~atlasgs_bids.imaging.acquisition.Acquisition`
+    target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS
+    options : the :class:`~atlasgs_bids.gaussians.appearance.AppearanceOptions` of the fit (its brain-mask rule)
+
+    Returns
+    -------
+    residual : float32 (I, J, K), first volume, target units, 0 outside the fitted voxels
+    relative_residual : ``||y - A c||_2 / ||y||_2`` over every fitted voxel and volume (0 when y is all 0)
+    """
+    from atlasgs_bids.gaussians.appearance import fit_voxels, predict
+
+    vol = np.asarray(data, dtype=np.float32).reshape(*np.shape(data)[:3], -1)
+    if appearance.fitted_ijk is not None and appearance.fitted_residual is not None:
+        ijk, diff = appearance.fitted_ijk, appearance.fitted_residual  # kept by the fit: no second build of A
+    else:
+        ijk = fit_voxels(appearance.scaffold, acquisition, target2t1w, options)
+        diff = vol[tuple(ijk.T)] - predict(appearance, acquisition, ijk, device=device)
+    y = vol[tuple(ijk.T)]
+    out = np.zeros(vol.shape[:3], dtype=np.float32)
+    out[tuple(ijk.T)] = diff[:, 0]
+    norm = float(np.linalg.norm(y))
+    return out, (float(np.linalg.norm(diff)) / norm if norm > 0 else 0.0)
 
 
 def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], target_affine: np.ndarray,
@@ -186,7 +230,8 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
 
 class _HarmonizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="harmonised target on the T1w grid, float32")
-    out_report = File(exists=True, desc="JSON: appearance diagnostics")
+    out_report = File(exists=True, desc="JSON: appearance diagnostics, CG history, relative_residual")
+    residual = File(exists=True, desc="measured - forward prediction, target grid, first volume, float32")
 
 
 class Harmonize(SimpleInterface):
@@ -200,8 +245,10 @@ class Harmonize(SimpleInterface):
         diag = harmonize_file(self.inputs.scaffold_file, self.inputs.target_file, self.inputs.xfm_file,
                               self.inputs.t1w_file, self.inputs.mask_file, out,
                               slice_thickness=self.inputs.slice_thickness, quality=self.inputs.quality,
-                              device=self.inputs.device, threads=self.inputs.threads)
+                              device=self.inputs.device, threads=self.inputs.threads,
+                              residual_file=Path(runtime.cwd) / "residual.nii.gz")
         report = Path(runtime.cwd) / "appearance.json"
         report.write_text(json.dumps(diag, indent=2))
-        self._results.update(out_file=str(out), out_report=str(report))
+        self._results.update(out_file=str(out), out_report=str(report),
+                             residual=str(Path(runtime.cwd) / "residual.nii.gz"))
         return runtime

@@ -1,4 +1,4 @@
-"""Group level: a QC table from the derivatives' sidecars (no image is read).
+"""Group level: a QC table (and its HTML page) from the derivatives' sidecars (no image is read).
 
 ``group_qc.tsv`` has one row per participant x session x harmonised target (``status`` ``ok``), plus one row per
 participant that has no output (``missing``) or whose run failed (``failed``, from ``logs/<label>_status.json``).
@@ -54,6 +54,8 @@ def collect_rows(output_dir: str | os.PathLike, participants: Iterable[str] = ()
         for key, value in (meta.get("Metrics") or {}).items():
             if isinstance(value, (int, float, str, bool)) or value is None:
                 row[key] = value
+        flags = meta.get("QCFlags")
+        row["qc_flags"] = ";".join(str(f) for f in flags) if flags else "n/a"
         rows.append(row)
         seen.add(ents["sub"])
     statuses = _status_files(output_dir)
@@ -70,9 +72,19 @@ def collect_rows(output_dir: str | os.PathLike, participants: Iterable[str] = ()
     return rows
 
 
-def write_group_qc(output_dir: str | os.PathLike, participants: Iterable[str] = ()) -> Path:
-    """Write ``<output_dir>/group_qc.tsv`` (atomic); metric columns are the union of the sidecars' ``Metrics``."""
+def write_group_qc(output_dir: str | os.PathLike, participants: Iterable[str] = (), *, html: bool = True) -> Path:
+    """Write ``<output_dir>/group_qc.tsv`` (atomic) and, with ``html``, ``group_qc.html`` beside it.
+
+    Metric columns are the union of the sidecars' ``Metrics``; then ``qc_flags`` (the sidecar's ``QCFlags``,
+    ``;``-joined), ``outlier_<metric>`` and ``outliers`` (robust, per modality: :mod:`atlasgs_bids.reports.group`).
+    """
+    from atlasgs_bids.reports.group import add_outlier_columns, write_group_html
+    from atlasgs_bids.version import __version__
+
     rows = collect_rows(output_dir, participants)
+    bands = add_outlier_columns(rows)
+    if html:
+        write_group_html(output_dir, rows, bands, version=__version__)
     extra = sorted({k for r in rows for k in r} - set(BASE_COLUMNS))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*BASE_COLUMNS, *extra], delimiter="\t", restval="n/a",

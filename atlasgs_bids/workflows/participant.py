@@ -63,7 +63,7 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
     t1w_preproc : RAS+ T1w, the reference grid
     brain_mask : uint8 mask on that grid
     scaffold : the scaffold ``.npz``
-    report : reserved for the participant report (issue 4); unset
+    report : the staged ``sub-X.html`` (only with ``stage_dir``)
 
     See Also
     --------
@@ -128,6 +128,7 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
             (merge, sink, [("out", "in_files")]),
         ])
 
+    target_wfs = []
     for target in si.targets:
         twf = init_target_wf(target=target, config=config, t1w_file=si.t1w, stage_dir=stage_dir)
         wf.connect([
@@ -135,7 +136,36 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
             (brain_mask, twf, [("out_file", "inputnode.brain_mask")]),
             (scaffold, twf, [("out_file", "inputnode.scaffold")]),
         ])
+        target_wfs.append(twf)
+    if stage_dir is not None and target_wfs:
+        _connect_report(wf, si, config, target_wfs, reorient, brain_mask, outputnode, str(stage_dir))
     return wf
+
+
+def _connect_report(wf: pe.Workflow, si: SubjectInputs, config: Config, target_wfs: list[pe.Workflow],
+                    reorient: pe.Node, brain_mask: pe.Node, outputnode: pe.Node, stage_dir: str) -> None:
+    """The ``subject_report`` node: every target workflow's outputs (in ``si.targets`` order) -> figures, QC
+    records and ``sub-X.html``, staged in ``stage_dir`` (committed with the other derivatives on success)."""
+    from atlasgs_bids.interfaces.reports import SubjectReport
+    from atlasgs_bids.version import __version__
+
+    report = pe.Node(SubjectReport(
+        subject=si.subject, session=si.session or "", stage_dir=stage_dir, output_dir=str(config.execution.output_dir),
+        version=__version__, methods=methods_text(wf), target_files=[str(t.path) for t in si.targets],
+        modalities=[t.modality for t in si.targets]), name="subject_report")
+    wf.connect([(reorient, report, [("out_file", "t1w_preproc")]), (brain_mask, report, [("out_file", "brain_mask")]),
+                (report, outputnode, [("out_report", "report")])])
+    fields = {"target_ref": "target_refs", "target2t1w_xfm": "xfms", "harmonized": "harmonized",
+              "sidecar": "sidecars"}
+    # the QC record and residual come from the target workflow's qc node (issue 4); without it the report still
+    # shows the registration overlay and the mosaics
+    if all(hasattr(twf.get_node("outputnode").inputs, "qc_json") for twf in target_wfs):
+        fields.update(qc_json="qc_jsons", residual="residuals")
+    for out_field, in_field in fields.items():
+        merge = pe.Node(niu.Merge(len(target_wfs)), name=f"merge_report_{in_field}")
+        for i, twf in enumerate(target_wfs, start=1):
+            wf.connect(twf, f"outputnode.{out_field}", merge, f"in{i}")
+        wf.connect(merge, "out", report, in_field)
 
 
 def methods_text(wf: pe.Workflow) -> str:
