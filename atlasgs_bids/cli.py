@@ -496,7 +496,9 @@ def demo_summary(info, deriv: Path) -> str:
     angle = rotation_angle_deg(true_t1w2target[:3, :3].T @ t1w2target[:3, :3])
     shift = float(np.linalg.norm((t1w2target @ centre - true_t1w2target @ centre)[:3]))
     lines = ["", "atlasgs-bids demo", f"  input BIDS:   {info.bids_dir}", f"  derivatives:  {deriv}",
-             f"  harmonized:   {ours_path}", f"  transform:    {xfm_path}", f"  group QC:     {deriv / 'group_qc.tsv'}",
+             f"  harmonized:   {ours_path}", f"  transform:    {xfm_path}",
+             f"  QC report:    {deriv / 'sub-01.html'}",
+             f"  group QC:     {deriv / 'group_qc.tsv'} and {deriv / 'group_qc.html'}",
              f"  registration: {angle:.2f} deg, {shift:.2f} mm at the brain centre from the true transform",
              "", f"  {'method':<10} {'PSNR (dB)':>10} {'MAE':>10}   (vs ground truth, in the brain mask)"]
     for name, pred in (("atlasgs", ours), ("cubic", cubic)):
