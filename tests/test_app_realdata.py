@@ -153,7 +153,8 @@ def test_sidecar_valid_with_required_keys(chris):
     assert 0.9 < metrics["brain_fraction_in_target_fov"] <= 1.0
     runtime = sidecar["Runtime"]
     assert runtime["total_seconds"] == pytest.approx(
-        runtime["registration_seconds"] + runtime["appearance_seconds"] + runtime["render_seconds"])
+        runtime["registration_seconds"] + runtime["appearance_seconds"] + runtime["render_seconds"]
+        + runtime["qc_registration_seconds"] + runtime["qc_selfval_seconds"])
 
 
 def test_output_passes_bids_validator(chris):

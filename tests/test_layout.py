@@ -194,3 +194,18 @@ def test_voxel_sizes_oblique(tmp_path):
     aff[:3, :3] = rot @ np.diag([0.5, 2.0, 3.0])
     nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.float32), aff), str(tmp_path / "x.nii.gz"))
     assert voxel_sizes(tmp_path / "x.nii.gz") == pytest.approx((0.5, 2.0, 3.0))
+
+
+def test_sidecar_inheritance_applies_only_matching_entities(tmp_path):
+    """A run-2 sidecar (even a broken one) is not read for run 1; the subject- and dataset-level ones are."""
+    from atlasgs_bids.bids.layout import _sidecar_candidates
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    for name in ("sub-01_run-1_T2w.json", "sub-01_run-2_T2w.json", "sub-01_T2w.json", "sub-01_run-1_T1w.json"):
+        (anat / name).write_text("{}")
+    (tmp_path / "T2w.json").write_text("{}")
+    (tmp_path / "acq-tse_T2w.json").write_text("{}")
+    found = [p.relative_to(tmp_path).as_posix() for p in _sidecar_candidates(anat / "sub-01_run-1_T2w.nii.gz",
+                                                                              tmp_path)]
+    assert found == ["sub-01/anat/sub-01_T2w.json", "sub-01/anat/sub-01_run-1_T2w.json", "T2w.json"]

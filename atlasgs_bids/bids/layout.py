@@ -307,23 +307,27 @@ def collect_inputs(bids_dir: str | os.PathLike, *, participant_label: Iterable[s
 
 
 def _sidecar_candidates(path: Path, root: Path) -> list[Path]:
-    """JSON files that BIDS inheritance may apply to ``path``: same folder and each parent up to ``root``, whose
-    name ends with ``_<suffix>.json`` (or is ``<suffix>.json``)."""
-    _, suffix, _ = _entities_suffix(path)
+    """JSON files that BIDS inheritance applies to ``path``: in its folder and each parent up to ``root``, with the
+    same suffix and entities that are a subset of the image's (``sub-01_T2w.json`` applies to
+    ``sub-01_run-1_T2w.nii.gz``, ``sub-01_run-2_T2w.json`` does not)."""
+    ents, suffix = _name_entities(path.name)
     out: list[Path] = []
     folder = path.parent
     while True:
-        out.extend(sorted(p for p in folder.glob("*.json") if p.name == f"{suffix}.json"
-                          or p.name.endswith(f"_{suffix}.json")))
+        for js in sorted(folder.glob(f"*{suffix}.json")):
+            js_ents, js_suffix = _name_entities(js.name)
+            if js_suffix == suffix and js_ents.items() <= ents.items():
+                out.append(js)
         if folder == root or root not in folder.parents:
             break
         folder = folder.parent
     return out
 
 
-def _entities_suffix(path: Path) -> tuple[str, str, str]:
-    stem, _, ext = _split(path)
-    return stem, stem.rsplit("_", 1)[-1], ext
+def _name_entities(name: str) -> tuple[dict[str, str], str]:
+    """``("sub-01_run-1_T2w.nii.gz")`` -> ``({"sub": "01", "run": "1"}, "T2w")``; parts without ``-`` are ignored."""
+    parts = name.split(".", 1)[0].split("_")
+    return dict(p.split("-", 1) for p in parts[:-1] if "-" in p), parts[-1]
 
 
 def read_metadata(layout, path: Path) -> dict[str, Any]:

@@ -210,12 +210,9 @@ def fit_appearance(
     vol = _check_target(data, acquisition, target2t1w)
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
 
-    ijk = _candidate_voxels(scaffold, vox2t1w, acquisition)
-    frac = _mask_fraction(scaffold, vox2t1w, ijk, acquisition) if len(ijk) else np.zeros(0)
-    keep = frac >= opts.min_mask_fraction
+    ijk = fit_voxels(scaffold, acquisition, target2t1w, opts)
     if mask is not None:
-        keep &= np.asarray(mask, dtype=bool)[tuple(ijk.T)]
-    ijk = ijk[keep]
+        ijk = ijk[np.asarray(mask, dtype=bool)[tuple(ijk.T)]]
     if len(ijk) < 16:
         raise ValueError(
             "the target does not overlap the T1w brain mask after the rigid transform "

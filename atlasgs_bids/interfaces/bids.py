@@ -29,7 +29,8 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
     ``Runtime`` (seconds per stage and ``total_seconds``), ``Device``. With ``qc`` (the QC JSON of
     :func:`atlasgs_bids.interfaces.qc.qc_document`), ``Metrics`` gains ``registration_ncc``,
     ``registration_mask_dice``, ``heldout_{psnr,ncc,mae}``, ``heldout_cubic_{psnr,ncc,mae}``, ``heldout_gain_db``,
-    ``relative_residual`` (None where not computed) and the sidecar a top-level ``QCFlags`` list.
+    ``relative_residual`` (None where not computed), ``Runtime`` the QC steps' seconds (counted in
+    ``total_seconds``), and the sidecar a top-level ``QCFlags`` list.
     """
     out = {k: v for k, v in meta.items() if k not in DROPPED_META}
     scalars = {k: v for k, v in appearance.items()
@@ -72,8 +73,9 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
             "heldout_gain_db": sv.get("gain_psnr_db"),
             "relative_residual": (qc.get("fit") or {}).get("relative_residual"),
         })
-        out["Runtime"]["qc_registration_seconds"] = reg.get("seconds")
-        out["Runtime"]["qc_selfval_seconds"] = sv.get("seconds")
+        qc_seconds = {"qc_registration_seconds": reg.get("qc_seconds"), "qc_selfval_seconds": sv.get("seconds")}
+        out["Runtime"].update(qc_seconds)
+        out["Runtime"]["total_seconds"] += sum(v for v in qc_seconds.values() if isinstance(v, (int, float)))
         out["QCFlags"] = list(qc.get("flags") or [])
     return out
 

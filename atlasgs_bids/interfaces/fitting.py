@@ -78,13 +78,13 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     out_img.header.set_xyzt_units("mm", "sec")
     save_nifti(out_img, out_file)
     raw = dict(appearance.diagnostics)
-    diag = _json_safe({k: v for k, v in raw.items() if k != "history"})
+    diag = json_safe({k: v for k, v in raw.items() if k != "history"})
     history = list(raw.get("history") or [])
     if history:
         diag["final_relative_residual"] = float(history[-1])
     diag["history"] = [float(v) for v in history]
     t0 = time.perf_counter()
-    resid, rel = residual_map(appearance, data, acq, target2t1w, AppearanceOptions.preset(quality), device=device)
+    resid, rel = residual_map(appearance, data)
     diag["relative_residual"] = rel
     diag["residual_seconds"] = time.perf_counter() - t0
     if residual_file is not None:
@@ -103,31 +103,22 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     return diag
 
 
-def residual_map(appearance, data: np.ndarray, acquisition, target2t1w: np.ndarray, options=None, *,
-                 device: str = "cpu") -> tuple[np.ndarray, float]:
-    """The data-consistency residual of a stage-2 fit: measured minus the forward model's prediction.
+def residual_map(appearance, data: np.ndarray) -> tuple[np.ndarray, float]:
+    """The data-consistency residual of a stage-2 fit on the target's grid, from what the fit kept.
 
     Parameters
     ----------
-    appearance : :class:`~atlasgs_bids.gaussians.appearance.Appearance` fitted on ``data``
+    appearance : :class:`~atlasgs_bids.gaussians.appearance.Appearance` fitted on ``data`` (its ``fitted_ijk`` and
+        ``fitted_residual``: measured minus the forward prediction ``A c``, target units)
     data : (I, J, K) or (I, J, K, V) the target, its own grid and units
-    acquisition : its :class:`~atlasgs_bids.imaging.acquisition.Acquisition`
-    target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS
-    options : the :class:`~atlasgs_bids.gaussians.appearance.AppearanceOptions` of the fit (its brain-mask rule)
 
     Returns
     -------
     residual : float32 (I, J, K), first volume, target units, 0 outside the fitted voxels
     relative_residual : ``||y - A c||_2 / ||y||_2`` over every fitted voxel and volume (0 when y is all 0)
     """
-    from atlasgs_bids.gaussians.appearance import fit_voxels, predict
-
     vol = np.asarray(data, dtype=np.float32).reshape(*np.shape(data)[:3], -1)
-    if appearance.fitted_ijk is not None and appearance.fitted_residual is not None:
-        ijk, diff = appearance.fitted_ijk, appearance.fitted_residual  # kept by the fit: no second build of A
-    else:
-        ijk = fit_voxels(appearance.scaffold, acquisition, target2t1w, options)
-        diff = vol[tuple(ijk.T)] - predict(appearance, acquisition, ijk, device=device)
+    ijk, diff = appearance.fitted_ijk, appearance.fitted_residual
     y = vol[tuple(ijk.T)]
     out = np.zeros(vol.shape[:3], dtype=np.float32)
     out[tuple(ijk.T)] = diff[:, 0]
@@ -171,13 +162,14 @@ def field_of_view_mask(t1w_affine: np.ndarray, t1w_shape: tuple[int, int, int], 
     return out
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` with numpy values as Python ones and non-finite floats as None (strict JSON: no NaN/Infinity)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "tolist"):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:

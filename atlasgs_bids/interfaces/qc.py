@@ -14,6 +14,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from atlasgs_bids.errors import ProcessingError
+from atlasgs_bids.interfaces.fitting import json_safe
 
 
 def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, ref_file: str | os.PathLike,
@@ -66,7 +67,8 @@ def qc_document(*, target: str, modality: str, version: str, device: str, parame
     """
     reg = {k: registration.get(k) for k in ("ncc", "mask_dice", "mattes_mi", "fail_threshold_ncc",
                                             "warn_threshold_ncc", "flag")}
-    reg["seconds"] = registration.get("seconds")
+    reg["seconds"] = registration.get("registration_seconds")  # antsRegistration itself
+    reg["qc_seconds"] = registration.get("seconds")  # this check
     reg["intensity_ncc"] = registration.get("intensity_ncc")
     reg["ncc_definition"] = "NCC of gradient-magnitude (edge) maps, T1w brain mask in the target's field of view"
     fit = {"relative_residual": appearance.get("relative_residual"), "iterations": appearance.get("iterations"),
@@ -109,7 +111,7 @@ class RegistrationQC(SimpleInterface):
                                     self.inputs.xfm_file, self.inputs.registration_report or None,
                                     target_name=Path(self.inputs.target_file).name)
         out = Path(runtime.cwd) / "registration_qc.json"
-        out.write_text(json.dumps(info, indent=2))
+        out.write_text(json.dumps(json_safe(info), indent=2, allow_nan=False))
         self._results.update(out_report=str(out), out_xfm=self.inputs.xfm_file)
         return runtime
 
@@ -144,7 +146,7 @@ class SelfValidation(SimpleInterface):
                                     slice_thickness=self.inputs.slice_thickness, quality=self.inputs.quality,
                                     seed=self.inputs.seed, device=self.inputs.device)
         out = Path(runtime.cwd) / "self_validation.json"
-        out.write_text(json.dumps(info, indent=2))
+        out.write_text(json.dumps(json_safe(info), indent=2, allow_nan=False))
         self._results["out_report"] = str(out)
         return runtime
 
@@ -178,6 +180,6 @@ class TargetQC(SimpleInterface):
                           self_validation=json.loads(Path(self.inputs.selfval_report).read_text()),
                           appearance=json.loads(Path(self.inputs.appearance_report).read_text()))
         out = Path(runtime.cwd) / "qc.json"
-        out.write_text(json.dumps(doc, indent=2))
+        out.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False))
         self._results["out_file"] = str(out)
         return runtime

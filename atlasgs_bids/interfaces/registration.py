@@ -18,19 +18,29 @@ def read_aslcontext(path: str | os.PathLike) -> list[str]:
         return [row["volume_type"] for row in csv.DictReader(fh, delimiter="\t")]
 
 
+def reference_array(img: nib.spatialimages.SpatialImage, *, modality: str,
+                    bval_file: str | os.PathLike | None = None, aslcontext_file: str | os.PathLike | None = None,
+                    source: str | os.PathLike | None = None) -> np.ndarray:
+    """The target's 3D reference (itself; mean b0 for dwi; mean control or M0 for asl), float32, its own grid."""
+    from atlasgs_bids.imaging.reference import reference_volume
+
+    bvals = np.loadtxt(bval_file, ndmin=1) if bval_file else None
+    context = read_aslcontext(aslcontext_file) if aslcontext_file else None
+    return np.asarray(reference_volume(img.get_fdata(dtype=np.float32), modality=modality, bvals=bvals,
+                                       aslcontext=context, source=str(source) if source else None),
+                      dtype=np.float32)
+
+
 def make_reference(in_file: str | os.PathLike, out_file: str | os.PathLike, *, modality: str,
                    bval_file: str | os.PathLike | None = None,
                    aslcontext_file: str | os.PathLike | None = None) -> Path:
-    """Write the target's 3D reference (itself; mean b0 for dwi; mean control or M0 for asl) on its own grid."""
+    """Write the target's 3D reference (:func:`reference_array`) on its own grid."""
     from atlasgs_bids.imaging.nifti import load_nifti, save_nifti
-    from atlasgs_bids.imaging.reference import reference_volume
 
     img = load_nifti(in_file)
-    bvals = np.loadtxt(bval_file, ndmin=1) if bval_file else None
-    context = read_aslcontext(aslcontext_file) if aslcontext_file else None
-    ref = reference_volume(img.get_fdata(dtype=np.float32), modality=modality, bvals=bvals, aslcontext=context,
-                           source=str(in_file))
-    return save_nifti(nib.Nifti1Image(np.asarray(ref, dtype=np.float32), img.affine), out_file)
+    ref = reference_array(img, modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
+                          source=in_file)
+    return save_nifti(nib.Nifti1Image(ref, img.affine), out_file)
 
 
 def register_to_t1w(t1w_file: str | os.PathLike, ref_file: str | os.PathLike, out_xfm: str | os.PathLike, *,

@@ -42,6 +42,7 @@ import time
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from atlasgs_bids.imaging import metrics
 from atlasgs_bids.imaging.registration import apply_rigid
@@ -56,20 +57,6 @@ WARN_NCC = 0.45
 DICE_MAX_FOREGROUND_RATIO = 1.5
 #: Fewer brain voxels than this inside the target's field of view: no overlap to speak of (NCC reported as 0).
 MIN_OVERLAP_VOXELS = 64
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance of a ``bins``-bin histogram)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    hist, edges = np.histogram(values, bins=bins)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,7 +103,7 @@ def registration_qc(t1w: nib.Nifti1Image, brain_mask: nib.Nifti1Image, target_re
     mask_dice = None
     if n >= MIN_OVERLAP_VOXELS:
         vals = moved[fov]
-        fg = (moved > otsu_threshold(vals)) & fov
+        fg = (moved > threshold_otsu(vals)) & fov
         if fg.sum() <= DICE_MAX_FOREGROUND_RATIO * sel.sum():
             mask_dice = dice(fg, sel)
     return {"ncc": float(value), "intensity_ncc": float(signed), "mask_dice": mask_dice, "n_voxels": n,

@@ -80,7 +80,7 @@ def _orient_labels(ax: plt.Axes, axis: int) -> None:
 
 
 def edge_map(t1w_cut: np.ndarray, mask_cut: np.ndarray | None = None, sigma: float = 1.5) -> np.ndarray:
-    """Boolean edges of a 2D T1w cut: Canny (scikit-image) when installed, else a thinned gradient threshold.
+    """Boolean edges of a 2D T1w cut (scikit-image's Canny on the cut windowed to its 1st-99th percentiles).
 
     Parameters
     ----------

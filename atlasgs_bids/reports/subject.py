@@ -154,21 +154,6 @@ def save_figures(root: str | os.PathLike, stem: str, figures: dict[str, bytes | 
     return out
 
 
-def reference_from_target(target_img: nib.spatialimages.SpatialImage, modality: str,
-                          bval_file: str | os.PathLike | None = None,
-                          aslcontext_file: str | os.PathLike | None = None) -> np.ndarray:
-    """The registration reference of a raw target, recomputed (as ``ReferenceVolume`` does) for ``--reports-only``."""
-    from atlasgs_bids.imaging.reference import reference_volume
-    from atlasgs_bids.interfaces.registration import read_aslcontext
-
-    data = target_img.get_fdata(dtype=np.float32)
-    if data.ndim == 3:
-        return data
-    bvals = np.loadtxt(bval_file, ndmin=1) if bval_file else None
-    context = read_aslcontext(aslcontext_file) if aslcontext_file else None
-    return np.asarray(reference_volume(data, modality=modality, bvals=bvals, aslcontext=context), dtype=np.float32)
-
-
 # ----------------------------------------------------------------------------------------------------- report data
 @dataclass
 class TargetEntry:
@@ -421,11 +406,13 @@ def report_target(root: str | os.PathLike, *, target_file: str | os.PathLike, mo
     :func:`atlasgs_bids.imaging.transforms.read_itk_affine`).
     """
     from atlasgs_bids.imaging.transforms import read_itk_affine
+    from atlasgs_bids.interfaces.registration import reference_array
 
     stem = target_stem(target_file)
     target_img = nib.load(str(target_file))
     ref = (np.asarray(nib.load(str(target_ref_file)).dataobj, dtype=np.float32) if target_ref_file
-           else reference_from_target(target_img, modality, bval_file, aslcontext_file))
+           else reference_array(target_img, modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
+                                source=target_file))
     residual_img = nib.load(str(residual_file)) if residual_file else None
     figures = draw_target_figures(
         t1w_img=nib.load(str(t1w_file)), mask_img=nib.load(str(mask_file)) if mask_file else None,
