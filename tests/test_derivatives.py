@@ -203,3 +203,24 @@ def test_new_staging_dir_removes_only_stale_staging_of_this_label(tmp_path):
     new = bd.new_staging_dir(tmp_path, "sub-01")
     assert not stale.exists() and live.exists() and other_host.exists() and other_label.exists()
     assert new.name.startswith(f".staging-sub-01-{host}_{os.getpid()}_")
+
+
+def test_sidecar_inherits_only_what_stays_true():
+    """A derivative on the T1w grid inherits the contrast's physics and the scanner, never the source's slices, voxel
+    grid, orientation or phase-encoding geometry (kept apart under Parameters.source_geometry)."""
+    source = {"EchoTime": 0.09, "RepetitionTime": 6.0, "FlipAngle": 150, "MagneticFieldStrength": 3,
+              "Manufacturer": "Siemens", "SliceThickness": 6.4, "SpacingBetweenSlices": 6.4,
+              "SliceEncodingDirection": "k", "AcquisitionMatrixPE": 256, "ReconMatrixPE": 256, "PercentPhaseFOV": 75,
+              "ImageOrientationPatientDICOM": [1, 0, 0, 0, 1, 0], "PhaseEncodingDirection": "j-",
+              "TotalReadoutTime": 0.05, "PixelBandwidth": 200, "Sources": ["bids:raw:elsewhere"], "Metrics": {"x": 1}}
+    sidecar = target_sidecar(meta=source, sources=["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"],
+                             spatial_reference="bids::x", modality="T2w", parameters={},
+                             registration={"metric": 0.4, "metric_name": "mattes_mi", "seconds": 1.0},
+                             appearance={"seconds": 2.0}, device="cpu", version="0.1.0")
+    physics = ("EchoTime", "RepetitionTime", "FlipAngle", "MagneticFieldStrength", "Manufacturer")
+    assert {k: sidecar[k] for k in physics} == {k: source[k] for k in physics}
+    geometry = set(source) - set(physics) - {"Sources", "Metrics"}
+    assert not geometry & set(sidecar), sorted(geometry & set(sidecar))
+    assert sidecar["Parameters"]["source_geometry"] == {k: source[k] for k in geometry}
+    assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]  # the app's own keys win
+    assert sidecar["Metrics"]["registration_mattes_mi"] == 0.4 and "x" not in sidecar["Metrics"]

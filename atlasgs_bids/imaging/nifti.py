@@ -139,6 +139,26 @@ def to_canonical(img: nib.spatialimages.SpatialImage) -> nib.spatialimages.Spati
     return nib.as_closest_canonical(img)
 
 
+def on_grid_of(data: np.ndarray, reference: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """``data`` as an image on ``reference``'s grid: its affine, its qform/sform codes (so every output on the T1w
+    grid carries the same codes as the T1w it is on), spatial units mm (and seconds for a 4D series).
+
+    >>> ref = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    >>> ref.set_sform(np.eye(4), code=1); ref.set_qform(np.eye(4), code=1)
+    >>> img = on_grid_of(np.ones((2, 2, 2), np.uint8), ref)
+    >>> int(img.header["sform_code"]), int(img.header["qform_code"]), img.header.get_xyzt_units()
+    (1, 1, ('mm', 'sec'))
+    """
+    header = reference.header.copy() if isinstance(reference.header, nib.Nifti1Header) else None
+    out = nib.Nifti1Image(np.asarray(data), reference.affine, header)
+    out.set_data_dtype(np.asarray(data).dtype)
+    if header is not None:
+        out.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
+        out.set_qform(reference.affine, code=int(header["qform_code"]) or 1)
+    out.header.set_xyzt_units("mm", "sec")
+    return out
+
+
 def _output_dtype(dtype: np.dtype, data: np.ndarray) -> np.dtype:
     """A dtype every NIfTI reader accepts: float32 for float data, uint8 for bool, int32 for 64-bit ints."""
     if dtype.kind == "b":
@@ -162,7 +182,8 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     ``path`` stays as it was). Float data are written as float32 without scaling; bool as uint8; 64-bit
     integers as int32 when they fit (else float32); other integer types as they are. The affine is written
     into both the sform and the qform (codes kept from the header when set, else 1 = scanner); the qform
-    is cleared (code 0) when it cannot hold the affine (shear), so the file never carries two geometries.
+    is cleared (code 0) when it cannot hold the affine (shear), so the file never carries two geometries. Spatial
+    units are set to mm when the header leaves them unknown.
 
     Parameters
     ----------
@@ -187,6 +208,8 @@ def save_nifti(img: nib.spatialimages.SpatialImage, path: str | os.PathLike) -> 
     out = nib.Nifti1Image(data, img.affine, header)
     out.set_data_dtype(dtype)
     out.header.set_slope_inter(None, None)
+    if out.header.get_xyzt_units()[0] == "unknown":  # the affine is in mm: say so (validator: NIFTI_UNIT)
+        out.header.set_xyzt_units("mm", out.header.get_xyzt_units()[1])
     qcode = int(out.header["qform_code"]) or 1  # scanner anat when unknown
     scode = int(out.header["sform_code"]) or 1
     out.set_qform(img.affine, code=qcode)

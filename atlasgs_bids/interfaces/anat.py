@@ -48,7 +48,7 @@ def make_brain_mask(t1w_file: str | os.PathLike, out_file: str | os.PathLike, *,
         ``deepbet``: :func:`atlasgs_bids.imaging.brainmask.brain_mask` (offline weights); ``precomputed``: the mask
         in ``mask_file`` (from ``--derivatives``); ``skull_stripped``: ``T1w > 0``.
     """
-    from atlasgs_bids.imaging.nifti import save_nifti
+    from atlasgs_bids.imaging.nifti import on_grid_of, save_nifti
 
     t1w_img = nib.load(str(t1w_file))
     if method == "skull_stripped":
@@ -66,7 +66,8 @@ def make_brain_mask(t1w_file: str | os.PathLike, out_file: str | os.PathLike, *,
         mask = brain_mask(t1w_img, device=device)
     else:
         raise ValueError(f"unknown mask method {method!r}; use one of {MASK_METHODS}")
-    return save_nifti(mask, out_file)
+    # the T1w's header codes and mm units, whichever way the mask was made
+    return save_nifti(on_grid_of((np.asarray(mask.dataobj) > 0).astype(np.uint8), t1w_img), out_file)
 
 
 class _ReorientInputSpec(BaseInterfaceInputSpec):

@@ -11,11 +11,48 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
 
 from atlasgs_bids.bids.derivatives import atomic_copy, atomic_write_json
 
-#: Source metadata that no longer describes the output grid and is not copied into the sidecar.
-DROPPED_META = ("SliceThickness", "SliceTiming", "SliceEncodingDirection", "PhaseEncodingDirection",
-                "TotalReadoutTime", "EffectiveEchoSpacing")
+#: Source metadata that describes the source's voxel grid, slice geometry or phase-encoding geometry: untrue of an
+#: image rendered on the T1w grid (e.g. ``SpacingBetweenSlices: 6.4`` on a 1.6 mm isotropic output), so never
+#: inherited. Kept, unchanged, under ``Parameters.source_geometry`` (what the source was, not what the output is).
+DROPPED_META = (
+    # slices and the voxel grid
+    "SliceThickness", "SpacingBetweenSlices", "SliceTiming", "SliceEncodingDirection", "NumberOfSlices",
+    "PixelSpacing", "AcquisitionVoxelSize", "AcquisitionMatrix", "AcquisitionMatrixPE", "ReconMatrixPE",
+    "BaseResolution", "PercentPhaseFOV", "PercentSampling", "PhaseEncodingSteps",
+    "PhaseEncodingStepsNoPartialFourier", "FieldOfView", "MatrixCoilMode",
+    # orientation and position of the source's slices
+    "ImageOrientationPatientDICOM", "ImageOrientationText", "ImagePositionPatient", "SliceLocation",
+    "InPlanePhaseEncodingDirectionDICOM", "PatientPosition",
+    # phase-encoding geometry (distortion correction needs the source's grid)
+    "PhaseEncodingDirection", "TotalReadoutTime", "EffectiveEchoSpacing", "DerivedVendorReportedEchoSpacing",
+    "EstimatedEffectiveEchoSpacing", "EstimatedTotalReadoutTime", "PixelBandwidth", "BandwidthPerPixelPhaseEncode",
+)
+#: Sidecar keys atlasgs-bids writes itself; a source key of the same name is replaced, not inherited.
+OWN_KEYS = ("Sources", "SpatialReference", "Description", "Method", "Parameters", "Version", "Metrics", "Runtime",
+            "Device", "SkullStripped", "QCFlags")
 METHOD = ("AtlasGS: a 3D Gaussian scaffold fitted to the subject's T1w (stage 1); per-Gaussian target intensities "
           "fitted through the target's slice profile and rigid transform (stage 2); rendered on the T1w grid")
+
+
+def inherit_metadata(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a source sidecar into what a derivative on the T1w grid may inherit and what it may not.
+
+    Inherited: what describes the subject, the scanner and the contrast (``EchoTime``, ``RepetitionTime``,
+    ``FlipAngle``, ``MagneticFieldStrength``, ``Manufacturer``, ...). Not inherited: :data:`DROPPED_META` (the
+    source's slices, voxel grid, orientation and phase-encoding geometry, untrue of the output) and the keys the app
+    writes itself (:data:`OWN_KEYS`).
+
+    Returns
+    -------
+    (inherited, source_geometry)
+        ``source_geometry`` holds the dropped :data:`DROPPED_META` values, for ``Parameters.source_geometry``.
+
+    >>> inherit_metadata({"EchoTime": 0.1, "SpacingBetweenSlices": 6.4, "Sources": ["x"]})
+    ({'EchoTime': 0.1}, {'SpacingBetweenSlices': 6.4})
+    """
+    inherited = {k: v for k, v in meta.items() if k not in DROPPED_META and k not in OWN_KEYS}
+    geometry = {k: meta[k] for k in DROPPED_META if k in meta}
+    return inherited, geometry
 
 
 def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: str, modality: str,
@@ -23,7 +60,7 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
                    device: str, version: str, qc: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON sidecar of a harmonised target.
 
-    Keys: the source's metadata (less :data:`DROPPED_META`), ``Sources`` (BIDS URIs), ``SpatialReference``,
+    Keys: the source's metadata that stays true of the output (:func:`inherit_metadata`), ``Sources`` (BIDS URIs), ``SpatialReference``,
     ``Method``, ``Parameters`` (with the slice profile used), ``Version``, ``Metrics`` (registration mutual
     information, stage-2 diagnostics: CG iterations, residuals, sizes, brain fraction in the target's field of view),
     ``Runtime`` (seconds per stage and ``total_seconds``), ``Device``. With ``qc`` (the QC JSON of
@@ -32,7 +69,7 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
     ``relative_residual`` (None where not computed), ``Runtime`` the QC steps' seconds (counted in
     ``total_seconds``), and the sidecar a top-level ``QCFlags`` list.
     """
-    out = {k: v for k, v in meta.items() if k not in DROPPED_META}
+    out, source_geometry = inherit_metadata(meta)
     scalars = {k: v for k, v in appearance.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and "seconds" not in k}
     params = dict(parameters)
@@ -42,6 +79,8 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         params["registration"] = registration["parameters"]
     if isinstance(appearance.get("acquisition"), dict):  # the slice profile actually used (thickness in mm)
         params["acquisition"] = appearance["acquisition"]
+    if source_geometry:
+        params["source_geometry"] = source_geometry
     runtime = {"registration_seconds": registration.get("seconds"),
                **{(k if k == "render_seconds" else f"appearance_{k}"): v
                   for k, v in appearance.items() if "seconds" in k and isinstance(v, (int, float))}}

@@ -55,7 +55,7 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     from atlasgs_bids.gaussians.io import load_scaffold
     from atlasgs_bids.gaussians.render import render
     from atlasgs_bids.imaging.acquisition import Acquisition
-    from atlasgs_bids.imaging.nifti import load_nifti, save_nifti
+    from atlasgs_bids.imaging.nifti import load_nifti, on_grid_of, save_nifti
     from atlasgs_bids.imaging.transforms import read_itk_affine
 
     _threads(threads)
@@ -74,9 +74,7 @@ def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathL
     t0 = time.perf_counter()
     out = render(appearance, t1w.affine, t1w.shape[:3], device=device, mask=render_mask)
     render_s = time.perf_counter() - t0
-    out_img = nib.Nifti1Image(np.asarray(out, dtype=np.float32), t1w.affine)
-    out_img.header.set_xyzt_units("mm", "sec")
-    save_nifti(out_img, out_file)
+    save_nifti(on_grid_of(np.asarray(out, dtype=np.float32), t1w), out_file)  # the T1w's header codes, mm
     raw = dict(appearance.diagnostics)
     diag = json_safe({k: v for k, v in raw.items() if k != "history"})
     history = list(raw.get("history") or [])
