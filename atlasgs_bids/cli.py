@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 from atlasgs_bids.config import DEVICES, MODALITIES, QUALITIES, Config
 from atlasgs_bids.errors import InputError
-from atlasgs_bids.preflight import check_memory, check_writable_dir, describe_os_error
+from atlasgs_bids.preflight import check_images, check_memory, check_writable_dir, describe_os_error
 from atlasgs_bids.processes import Terminated, kill_workers, pin_native_seeds, sigterm_as_interrupt
 from atlasgs_bids.version import __version__
 
@@ -310,6 +310,30 @@ def root_cause(exc: BaseException) -> tuple[str, bool]:
     return f"{short}: {message}", short == "InputError"
 
 
+def _check_participant_images(config: Config, inputs: list) -> tuple[list, list[tuple[str, bool]]]:
+    """Read every participant's images up front (:func:`check_images`), before any workflow is built. A participant
+    with a bad image is left out: one console line naming the file, its ``logs/<label>_status.json`` marks it
+    failed (input error, the traceback kept there). Returns the participants left and ``[(label, True)]`` failures."""
+    kept, failures = [], []
+    t0 = time.perf_counter()
+    for si in inputs:
+        try:
+            check_images(si)
+        except InputError as exc:
+            LOGGER.error("%s: input error: %s; no derivatives written for it", si.label, exc,
+                         exc_info=bool(_VERBOSE))
+            with contextlib.suppress(Exception):
+                _write_status(config, si.label, {"status": "failed", "error": f"InputError: {exc}",
+                                                 "input_error": True, "seconds": 0.0, "stage": "input check",
+                                                 "traceback": traceback.format_exc()})
+            failures.append((si.label, True))
+            continue
+        kept.append(si)
+    LOGGER.info("input images checked (%d participant%s): done in %.1f s", len(inputs), "s" * (len(inputs) != 1),
+                time.perf_counter() - t0)
+    return kept, failures
+
+
 def run_participant_level(config: Config) -> int:
     """Validate, discover (every input error raised before any output is written), then run each participant."""
     from atlasgs_bids.bids import derivatives as bd
@@ -339,6 +363,13 @@ def run_participant_level(config: Config) -> int:
     if ex.work_dir is not None:
         check_writable_dir(ex.work_dir, "--work-dir")
 
+    failures: list[tuple[str, bool]] = []
+    if not ex.reports_only:
+        inputs, failures = _check_participant_images(config, inputs)
+        if not inputs:
+            _log_failures(failures)
+            return EXIT_USAGE
+
     bd.write_dataset_description(ex.output_dir, ex.bids_dir, __version__)
     bd.write_bidsignore(ex.output_dir)
     bd.write_readme(ex.output_dir)
@@ -348,7 +379,6 @@ def run_participant_level(config: Config) -> int:
     own_work = ex.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="atlasgs-work-")) if own_work else ex.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
-    failures = []
     try:
         for si in inputs:
             if ex.reports_only:
@@ -412,9 +442,15 @@ def run_participant_level(config: Config) -> int:
 
             shutil.rmtree(work_dir, ignore_errors=True)
     if failures:
-        LOGGER.error("failed: %s", ", ".join(label for label, _ in failures))
+        _log_failures(failures)
         return EXIT_USAGE if all(is_input for _, is_input in failures) else EXIT_FAILURE
     return EXIT_OK
+
+
+def _log_failures(failures: list[tuple[str, bool]]) -> None:
+    """One summary line naming the failed participants, when there are several (one failure has its own line)."""
+    if len(failures) > 1:
+        LOGGER.error("failed: %s", ", ".join(label for label, _ in failures))
 
 
 def run_group_level(config: Config) -> int:

@@ -1,5 +1,6 @@
 """Checks before a participant run writes anything: writable folders, the estimated peak memory against
-``--mem-gb``, and a plain explanation of a full disk."""
+``--mem-gb``, every input image read in full (before any workflow is built), and a plain explanation of a full
+disk."""
 from __future__ import annotations
 
 import contextlib
@@ -56,6 +57,21 @@ def check_memory(inputs, config: Config) -> float:
             LOGGER.warning("%s needs about %.1f GB but this machine has %.1f GB: the run may be killed", worst_label,
                            worst, total)
     return worst
+
+
+def check_images(subject_inputs) -> None:
+    """Read every image of one participant in full and check it (:func:`atlasgs_bids.imaging.nifti.load_nifti`:
+    readable, not truncated, 3D or 4D, more than one slice per axis, finite, not all zero, a sane affine, qform and
+    sform agreeing), the T1w, each target and a precomputed mask, so that a bad file is refused before its workflow
+    is built. Raises :class:`InputError` naming the first bad file."""
+    from atlasgs_bids.imaging.nifti import load_nifti
+
+    si = subject_inputs
+    for path in (si.t1w, *(t.path for t in si.targets), *((si.t1w_mask,) if si.t1w_mask else ())):
+        img = load_nifti(path)
+        if path == si.t1w and len(img.shape) == 4 and img.shape[3] > 1:
+            raise InputError(f"{path}: the T1w is a 4D series ({img.shape[3]} volumes); give one 3D T1w volume")
+        del img
 
 
 def describe_os_error(exc: BaseException) -> str | None:

@@ -242,6 +242,55 @@ def test_participant_not_in_dataset(pristine, tmp_path):
     assert tree_digest(pristine) == before
 
 
+def _t1w(bids: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(bids / T1W)).dataobj).astype(np.float32)
+
+
+def t1w_all_zero(bids: Path) -> None:
+    _rewrite(bids, T1W, np.zeros_like(_t1w(bids)))
+
+
+def t1w_single_slice(bids: Path) -> None:
+    _rewrite(bids, T1W, _t1w(bids)[:, :, 30:31])
+
+
+def t1w_truncated(bids: Path) -> None:
+    raw = (bids / T1W).read_bytes()
+    (bids / T1W).write_bytes(raw[: len(raw) * 6 // 10])
+
+
+#: Image problems of the T1w or the target (issue 16): refused by the up-front check, before any workflow is built.
+UP_FRONT: list[tuple[str, Mutation, tuple[str, ...]]] = [
+    ("NaN target", nan_voxels, ("sub-01_T2w.nii.gz", "NaN or infinite")),
+    ("all-zero T1w", t1w_all_zero, ("sub-01_T1w.nii.gz", "every voxel is zero")),
+    ("single-slice T1w", t1w_single_slice, ("sub-01_T1w.nii.gz", "single slice")),
+    ("truncated T1w", t1w_truncated, ("sub-01_T1w.nii.gz", "truncated or corrupt")),
+    ("5D target", five_d, ("sub-01_T2w.nii.gz", "5 dimensions")),
+]
+
+
+@pytest.mark.parametrize("case, mutate, needles", UP_FRONT, ids=[c[0] for c in UP_FRONT])
+def test_bad_images_refused_before_the_workflow(pristine, tmp_path, case, mutate, needles):
+    """Exit 2 with exactly one error line on the console, no Nipype output, no work dir (no workflow was built or
+    run), and the participant marked failed in logs/ with the traceback kept there."""
+    bids = _broken(pristine, tmp_path, mutate)
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = run_cli(bids, out, "participant", "--skip-bids-validation", *BASE_FLAGS, "-w", work)
+    assert proc.returncode == 2, proc.stderr
+    assert_short_message(proc.stderr, *needles)
+    assert [line for line in proc.stderr.splitlines() if "ERROR" in line] == \
+        [next(line for line in proc.stderr.splitlines() if "input error" in line)]
+    assert "nipype" not in proc.stderr.lower() and "workflow" not in proc.stderr
+    assert list(work.iterdir()) == []  # created by the writability check, nothing run in it
+    status = json.loads((out / "logs" / "sub-01_status.json").read_text())
+    assert status["status"] == "failed" and status["input_error"] and status["stage"] == "input check"
+    assert needles[0] in status["error"] and "Traceback" in status["traceback"]
+    assert_nothing_partial(out)
+    # with -v, the traceback on the console too
+    verbose = run_cli(bids, tmp_path / "out-v", "participant", "--skip-bids-validation", *BASE_FLAGS, "-v")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
 @pytest.mark.parametrize("where", ["equal", "inside"])
 def test_output_dir_equal_to_or_inside_bids_dir_is_refused(pristine, tmp_path, where):
     bids = _broken(pristine, tmp_path, None)

@@ -106,23 +106,29 @@ def test_input_error_traceback_only_with_verbose(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
-def test_input_error_in_a_node_exit_2_leaves_no_partial_outputs(tmp_path, capsys):
-    """An all-zero T1w passes discovery (headers only) and is refused by the reorient node (load_nifti): the
-    participant fails with the InputError's one-line message, exit 2, and no sub-* is written."""
+@pytest.mark.parametrize("up_front", [True, False], ids=["checked up front", "found in a node"])
+def test_input_error_exit_2_leaves_no_partial_outputs(tmp_path, capsys, monkeypatch, up_front):
+    """An all-zero T1w passes discovery (headers only). The up-front image check refuses it before any workflow is
+    built; an input error that only shows in a node (the check bypassed here) fails the participant the same way:
+    the InputError's one-line message, exit 2, no sub-* written, the participant marked failed in logs/."""
     bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T2w.nii.gz": THICK})
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
+    if not up_front:
+        monkeypatch.setattr(cli, "check_images", lambda si: None)
     out = tmp_path / "out"
     rc = cli.main(_args(bids, out, "--skip-bids-validation", "--skull-stripped", "--device", "cpu",
                         "-w", str(tmp_path / "work")))
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "sub-01: input error: InputError: " in err and "sub-01_T1w.nii.gz" in err
-    assert "t1w_reorient: failed after" in err
-    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "README.md", "dataset_description.json", "logs"]
+    assert "sub-01: input error: " in err and "sub-01_T1w.nii.gz: every voxel is zero" in err
+    assert ("t1w_reorient: failed after" in err) is not up_front
+    written = sorted(p.name for p in out.iterdir())
+    assert written == (["logs"] if up_front else [".bidsignore", "README.md", "dataset_description.json", "logs"])
     status = json.loads((out / "logs" / "sub-01_status.json").read_text())
     assert status["status"] == "failed" and status["input_error"] is True
-    (toml,) = (out / "logs").glob("config-*.toml")
-    assert Config.from_toml(toml.read_text()).execution.skull_stripped is True
+    if not up_front:
+        (toml,) = (out / "logs").glob("config-*.toml")
+        assert Config.from_toml(toml.read_text()).execution.skull_stripped is True
 
 
 def test_unusable_work_dir_exit_2_before_any_output(tmp_path, capsys):
