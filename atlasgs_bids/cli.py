@@ -83,12 +83,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "grid of the same subject's 3D T1w. A Gaussian scaffold is fitted to the T1w once per subject, then "
             "each target's contrast is fitted through its own slice profile and a rigid registration, and rendered "
             "on the T1w grid. Subcommands: 'atlasgs-bids demo OUT' (sample dataset, end to end) and "
-            "'atlasgs-bids bench ...' (benchmarks)."),
+            "'atlasgs-bids bench ...' (benchmarks), 'atlasgs-bids index BIDS_DIR DB_DIR' (pybids index for "
+            "--bids-database-dir)."),
         formatter_class=_HelpFormatter,
     )
     pe, pd = (partial(f, parser) for f in (_path_exists, _dir_exists))
     pi, pf = partial(_positive, parser, kind=int), partial(_positive, parser, kind=float)
-    parser.add_argument("bids_dir", type=pd, help="root of the input BIDS dataset (read only)")
+    parser.add_argument("bids_dir", type=Path,
+                        help="root of the input BIDS dataset (read only; at group level it may be absent: the "
+                             "derivatives alone are read)")
     parser.add_argument("output_dir", type=Path,
                         help="root of the output derivatives dataset (created; must not be inside bids_dir)")
     parser.add_argument("analysis_level", choices=["participant", "group"],
@@ -104,6 +107,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    default=None, metavar="FILE",
                    help="JSON of pybids entity filters per query (t1w, t2w, flair, pdw, t2starw, dwi, asl), as in "
                         "fMRIPrep, e.g. {\"t1w\": {\"acquisition\": \"mprage\"}, \"t2w\": {\"run\": 1}}")
+    g.add_argument("--bids-database-dir", "--bids_database_dir", dest="bids_database_dir", type=Path, default=None,
+                   metavar="DIR",
+                   help="pybids index of bids_dir: read from DIR when it holds one, else built once and saved there "
+                        "(index a large dataset once, before an array job; delete DIR after the dataset changed)")
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                    action="store_true", help="do not run bids-validator-deno on the input")
     g.add_argument("--derivatives", nargs="+", type=pd, default=[], metavar="DIR",
@@ -155,6 +162,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the BIDS-App arguments (``sub-``/``ses-`` stripped; output/work dirs vs bids_dir)."""
     parser = _build_parser()
     opts = parser.parse_args(argv)
+    if opts.analysis_level == "participant" or opts.bids_dir.exists():
+        opts.bids_dir = _dir_exists(parser, str(opts.bids_dir))
+    else:
+        opts.bids_dir = opts.bids_dir.expanduser().absolute()
+    if opts.bids_database_dir is not None:
+        opts.bids_database_dir = opts.bids_database_dir.expanduser().absolute()
     opts.participant_label = [p[4:] if p.startswith("sub-") else p for p in opts.participant_label]
     opts.session_label = [s[4:] if s.startswith("ses-") else s for s in opts.session_label]
     opts.output_dir = opts.output_dir.expanduser().absolute()
@@ -191,6 +204,7 @@ def build_config(opts: argparse.Namespace) -> Config:
         work_dir=opts.work_dir, participant_label=opts.participant_label, session_label=opts.session_label,
         modalities=opts.modalities, bids_filters=opts.bids_filters or {},
         skip_bids_validation=opts.skip_bids_validation, reports_only=opts.reports_only,
+        bids_database_dir=opts.bids_database_dir,
         skull_stripped=opts.skull_stripped, derivatives=opts.derivatives, nprocs=opts.nprocs,
         omp_nthreads=opts.omp_nthreads, mem_gb=opts.mem_gb, device=opts.device, quality=opts.quality,
         seed=opts.seed)
@@ -337,7 +351,7 @@ def _check_participant_images(config: Config, inputs: list) -> tuple[list, list[
 def run_participant_level(config: Config) -> int:
     """Validate, discover (every input error raised before any output is written), then run each participant."""
     from atlasgs_bids.bids import derivatives as bd
-    from atlasgs_bids.bids.layout import collect_inputs
+    from atlasgs_bids.bids.layout import collect_inputs, open_layout
     from atlasgs_bids.workflows.participant import init_participant_wf, methods_text
     from atlasgs_bids.workflows.target import resolve_device
 
@@ -349,8 +363,11 @@ def run_participant_level(config: Config) -> int:
         with stage("BIDS validation"):
             validate_dataset(ex.bids_dir)
     with stage("input discovery"):
+        layout = open_layout(ex.bids_dir, ex.bids_database_dir)
         inputs = collect_inputs(ex.bids_dir, participant_label=ex.participant_label, session_label=ex.session_label,
-                                modalities=ex.modalities, bids_filters=ex.bids_filters, derivatives=ex.derivatives)
+                                modalities=ex.modalities, bids_filters=ex.bids_filters, derivatives=ex.derivatives,
+                                layout=layout)
+        subjects = sorted(layout.get_subjects())
     for si in inputs:
         LOGGER.info("%s: T1w %s; targets %s%s", si.label, si.t1w.name, ", ".join(t.path.name for t in si.targets),
                     f"; mask {si.t1w_mask}" if si.t1w_mask else "")
@@ -365,6 +382,7 @@ def run_participant_level(config: Config) -> int:
 
     failures: list[tuple[str, bool]] = []
     if not ex.reports_only:
+        bd.record_subjects(ex.output_dir, subjects)
         inputs, failures = _check_participant_images(config, inputs)
         if not inputs:
             _log_failures(failures)
@@ -460,8 +478,12 @@ def run_group_level(config: Config) -> int:
     ex = config.execution
     if not ex.output_dir.is_dir():
         raise InputError(f"{ex.output_dir}: no derivatives here; run the participant level first")
+    if not ex.bids_dir.is_dir():
+        LOGGER.info("%s is not here: the group level reads the derivatives alone (participants from %s)",
+                    ex.bids_dir, ex.output_dir / "logs" / "participants.tsv")
     with stage("group QC table"):
-        path = write_group_qc(ex.output_dir, expected_participants(ex.bids_dir, ex.participant_label))
+        path = write_group_qc(ex.output_dir, expected_participants(ex.bids_dir, ex.participant_label,
+                                                                   output_dir=ex.output_dir))
     LOGGER.info("group QC: %s and %s", path, path.with_suffix(".html"))
     return EXIT_OK
 
@@ -542,6 +564,22 @@ def demo_summary(info, deriv: Path) -> str:
     return "\n".join(lines)
 
 
+def _index_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="atlasgs-bids index", description=(
+        "Build pybids' index of a BIDS dataset once and save it, for --bids-database-dir (before an array job, so "
+        "that no task lists the dataset's files again)."))
+    parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset")
+    parser.add_argument("database_dir", type=Path, help="folder for the index (created; reused when it holds one)")
+    opts = parser.parse_args(argv)
+    setup_logging(0)
+    from atlasgs_bids.bids.layout import open_layout
+
+    with stage("pybids index"):
+        layout = open_layout(opts.bids_dir.expanduser().absolute(), opts.database_dir.expanduser())
+    LOGGER.info("%s: %d subjects indexed in %s", layout.root, len(layout.get_subjects()), opts.database_dir)
+    return EXIT_OK
+
+
 def _bench_main(argv: Sequence[str]) -> int:
     from atlasgs_bids.bench import run as bench_run
 
@@ -563,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo_main(argv[1:])
         if argv and argv[0] == "bench":
             return _bench_main(argv[1:])
+        if argv and argv[0] == "index":
+            return _index_main(argv[1:])
         opts = parse_args(argv)
         verbose = opts.verbose
         setup_logging(verbose)

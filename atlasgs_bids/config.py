@@ -59,6 +59,8 @@ class ExecutionConfig:
     """The T1w is already brain-extracted: the brain mask is ``T1w > 0``."""
     derivatives: tuple[Path, ...] = ()
     """Derivatives datasets searched for a precomputed T1w brain mask (``desc-brain_mask``)."""
+    bids_database_dir: Path | None = None
+    """Where pybids' index of ``bids_dir`` is read from, or built and saved once (``--bids-database-dir``)."""
 
     @property
     def log_dir(self) -> Path:
@@ -160,7 +162,7 @@ def _coerce(klass: type, values: dict[str, Any]) -> dict[str, Any]:
         if f.name not in out or out[f.name] is None:
             continue
         v = out[f.name]
-        if f.name in ("bids_dir", "output_dir", "work_dir"):
+        if f.name in ("bids_dir", "output_dir", "work_dir", "bids_database_dir"):
             out[f.name] = Path(v)
         elif f.name == "derivatives":
             out[f.name] = tuple(Path(p) for p in v)

@@ -2,7 +2,8 @@
 (:mod:`slurm_cluster`), the files under ``scripts/slurm/`` as they are shipped, four participants (copies of the tiny
 sample), one of them broken. The array runs, the group step follows with ``afterany``, the broken participant fails
 with exit code 2 and a ``failed`` row; it is fixed, ``rerun_indices.sh`` finds it and only it is resubmitted. The
-outputs equal those of a direct run, and ``group_qc.tsv`` lists all four as ``ok``.
+outputs equal those of a direct run, and ``group_qc.tsv`` lists all four as ``ok``. ``submit.sh`` indexes the
+dataset once (``BIDS_DATABASE_DIR``) and every task reads that index.
 
 Skips (with the reason) where SLURM or munge is not installed or the tests do not run as root; ``.ci/run`` installs
 both, so CI runs it.
@@ -81,11 +82,12 @@ def test_array_group_and_resubmission_on_slurm(slurm, tiny_sample, tmp_path):
     logs.mkdir()
     env = {"BIDS_DIR": str(bids), "OUT_DIR": str(out), "ATLASGS_CMD": _app_command(),
            "ATLASGS_ARGS": " ".join(BASE_FLAGS), "SCRATCH": str(tmp_path / "scratch"), "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "BIDS_DATABASE_DIR": str(tmp_path / "pybids-db")}
     (tmp_path / "scratch").mkdir()
 
     # 1. the whole array, then the group step after it whatever the tasks' outcome
     array, group = _submit(slurm, env, logs)
+    assert (tmp_path / "pybids-db" / "layout_index.sqlite").is_file()  # indexed once by submit.sh, before the array
     slurm.wait_idle(timeout=900)
     states = {**slurm.job_states(array), **slurm.job_states(group)}
     assert states == {**{f"{array}_{i}": "COMPLETED 0:0" for i in (1, 2, 3)}, f"{array}_4": "FAILED 2:0",
@@ -97,6 +99,7 @@ def test_array_group_and_resubmission_on_slurm(slurm, tiny_sample, tmp_path):
     rows = {r["participant_id"]: r["status"] for r in _group_rows(out)}
     assert rows == {"sub-01": "ok", "sub-02": "ok", "sub-03": "ok", f"sub-{BROKEN}": "failed"}
     assert list(tmp_path.joinpath("scratch").iterdir()) == []  # every task removed its work dir
+    assert "pybids index read from" in _job_logs(logs)  # the tasks read the index, none re-listed the dataset
 
     # 2. fix the data, find what to rerun (docs/hpc.md, section 5), resubmit only that, and the group step again
     broken.write_bytes(good)

@@ -252,6 +252,37 @@ def write_bidsignore(output_dir: str | os.PathLike) -> Path:
     return atomic_write_bytes(Path(output_dir) / ".bidsignore", ("\n".join(BIDSIGNORE) + "\n").encode())
 
 
+SUBJECTS_FILE = "logs/participants.tsv"
+"""The raw dataset's subjects as the participant level saw them: what the group level expects without the raw data."""
+
+
+def recorded_subjects(output_dir: str | os.PathLike) -> list[str]:
+    """Labels (without ``sub-``) in ``output_dir``/:data:`SUBJECTS_FILE`; empty when it is absent."""
+    path = Path(output_dir) / SUBJECTS_FILE
+    try:
+        lines = path.read_text().splitlines()[1:]
+    except OSError:
+        return []
+    return sorted({line.split("\t", 1)[0].removeprefix("sub-") for line in lines if line.strip()})
+
+
+def record_subjects(output_dir: str | os.PathLike, subjects: Iterable[str]) -> Path:
+    """Add ``subjects`` (labels without ``sub-``) to :data:`SUBJECTS_FILE` (the union with what is there, written
+    atomically; rewritten only when it grows, so array tasks of one dataset leave it alone after the first).
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> _ = record_subjects(d, ["02", "01"]); _ = record_subjects(d, ["03"]); recorded_subjects(d)
+    ['01', '02', '03']
+    """
+    path = Path(output_dir) / SUBJECTS_FILE
+    known = set(recorded_subjects(output_dir))
+    wanted = known | {s.removeprefix("sub-") for s in subjects}
+    if wanted != known or not path.is_file():
+        text = "participant_id\n" + "".join(f"sub-{s}\n" for s in sorted(wanted))
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------- staging
 def _host() -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename) or "host"

@@ -14,6 +14,7 @@ pybids indexes the dataset with ``validate=False``; validation is separate (:mod
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -167,8 +168,15 @@ def is_coarser(target_zooms: Iterable[float], t1w_zooms: Iterable[float],
     return any(z > limit for z in target_zooms)
 
 
-def open_layout(bids_dir: str | os.PathLike):
-    """A pybids ``BIDSLayout`` (``validate=False``) after checking this is a BIDS dataset at all."""
+def open_layout(bids_dir: str | os.PathLike, database_dir: str | os.PathLike | None = None):
+    """A pybids ``BIDSLayout`` (``validate=False``) after checking this is a BIDS dataset at all.
+
+    With ``database_dir`` (``--bids-database-dir``), the index is read from there when it exists (no file of the
+    dataset is listed again: hours saved on tens of thousands of subjects), and otherwise built once and saved
+    there. It is built in a private folder beside it and renamed into place, so array tasks starting together never
+    see a half-written index (one wins, the others read the winner's). An index of another dataset is refused.
+    Delete the folder to re-index after the dataset changed.
+    """
     from bids import BIDSLayout
 
     root = Path(bids_dir)
@@ -177,13 +185,60 @@ def open_layout(bids_dir: str | os.PathLike):
     if not (root / "dataset_description.json").is_file():
         raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json); convert the images to BIDS "
                          "first (e.g. dcm2bids or BIDScoin) so that each subject has sub-<label>/anat/..._T1w.nii.gz")
+    if database_dir is not None:
+        return _layout_from_database(root, Path(database_dir))
     try:
         return BIDSLayout(str(root), validate=False, derivatives=False)
     except Exception as exc:
-        bad = _first_invalid_json(root)
-        if bad is not None:
-            raise InputError(bad) from None
-        raise InputError(f"{root}: pybids cannot index this dataset ({exc})") from None
+        raise _index_error(root, exc) from None
+
+
+def _index_error(root: Path, exc: Exception) -> InputError:
+    bad = _first_invalid_json(root)
+    return InputError(bad if bad is not None else f"{root}: pybids cannot index this dataset ({exc})")
+
+
+DATABASE_FILE = "layout_index.sqlite"
+"""The file pybids keeps its index in, inside ``--bids-database-dir``."""
+
+
+def _layout_from_database(root: Path, database_dir: Path):
+    """:func:`open_layout` with a saved index (see there)."""
+    import shutil
+    import tempfile
+
+    from bids import BIDSLayout
+
+    database_dir = database_dir.absolute()
+    if not (database_dir / DATABASE_FILE).is_file():
+        if database_dir.exists() and (not database_dir.is_dir() or any(database_dir.iterdir())):
+            raise InputError(f"--bids-database-dir <{database_dir}> exists but holds no pybids index "
+                             f"({DATABASE_FILE}); give an empty or new folder")
+        database_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{database_dir.name}.", dir=database_dir.parent))
+        try:
+            BIDSLayout(str(root), validate=False, derivatives=False, database_path=str(tmp))
+            with contextlib.suppress(OSError):
+                database_dir.rmdir()  # an empty folder given by the user; a lost race leaves the winner's index
+            with contextlib.suppress(OSError):
+                os.rename(tmp, database_dir)
+        except Exception as exc:
+            raise _index_error(root, exc) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        LOGGER.info("pybids index of %s saved in %s", root, database_dir)
+    else:
+        LOGGER.info("pybids index read from %s", database_dir)
+    try:
+        layout = BIDSLayout(str(root), validate=False, derivatives=False, database_path=str(database_dir))
+    except Exception as exc:
+        raise InputError(f"--bids-database-dir <{database_dir}>: cannot read the pybids index there ({exc}); "
+                         "delete the folder to re-index") from None
+    indexed = Path(layout.root).resolve()
+    if indexed != root.resolve():
+        raise InputError(f"--bids-database-dir <{database_dir}> indexes {indexed}, not {root.resolve()}; give "
+                         "each dataset its own folder")
+    return layout
 
 
 def _first_invalid_json(root: Path) -> str | None:

@@ -95,9 +95,16 @@ def write_group_qc(output_dir: str | os.PathLike, participants: Iterable[str] = 
     return atomic_write_bytes(Path(output_dir) / "group_qc.tsv", buf.getvalue().encode())
 
 
-def expected_participants(bids_dir: str | os.PathLike, participant_label: Iterable[str] = ()) -> list[str]:
-    """Subjects the group level expects: ``participant_label`` or the ``sub-*`` folders of the raw dataset."""
+def expected_participants(bids_dir: str | os.PathLike, participant_label: Iterable[str] = (), *,
+                          output_dir: str | os.PathLike | None = None) -> list[str]:
+    """Subjects the group level expects: ``participant_label``; else the ``sub-*`` folders of the raw dataset when
+    it is there; else (the derivatives alone) the subjects the participant level recorded in ``output_dir``
+    (:data:`atlasgs_bids.bids.derivatives.SUBJECTS_FILE`)."""
+    from atlasgs_bids.bids.derivatives import recorded_subjects
+
     labels = [p[4:] if p.startswith("sub-") else p for p in participant_label]
     if labels:
         return sorted(labels)
-    return sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
+    if Path(bids_dir).is_dir():
+        return sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir())
+    return recorded_subjects(output_dir) if output_dir is not None else []

@@ -1,0 +1,108 @@
+"""What one participant run of the tiny sample writes, checked for truth (issue 16): every NIfTI on the T1w grid
+carries the T1w's qform/sform codes and mm units; the harmonised target's sidecar claims none of the source's slice
+or grid geometry; the pybids index is reused through ``--bids-database-dir``; the group level runs from the
+derivatives alone.
+
+One run (``sub-01`` of a two-subject copy, so that ``sub-02`` is expected but missing) serves the module.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from conftest import copy_bids
+from test_bad_inputs import BASE_FLAGS, assert_short_message, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tiny_sample, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("outputs")
+    bids = copy_bids(tiny_sample.bids_dir, root / "bids", participants=("01", "02"))
+    out, db = root / "out", root / "pybids-db"
+    proc = run_cli(bids, out, "participant", "--participant-label", "01", "--skip-bids-validation", *BASE_FLAGS,
+                   "--bids-database-dir", db, "-w", root / "work")
+    assert proc.returncode == 0, proc.stderr
+    assert f"pybids index of {bids} saved in {db}" in proc.stderr
+    return {"root": root, "bids": bids, "out": out, "db": db, "stderr": proc.stderr}
+
+
+def test_nifti_headers_match_the_t1w_grid(run):
+    anat = run["out"] / "sub-01" / "anat"
+    t1w = nib.load(str(anat / "sub-01_desc-preproc_T1w.nii.gz")).header
+    codes = (int(t1w["qform_code"]), int(t1w["sform_code"]))
+    assert t1w.get_xyzt_units()[0] == "mm" and codes[1] > 0
+    images = sorted(anat.glob("*.nii.gz"))
+    assert len(images) == 3  # preproc T1w, brain mask, harmonised T2w
+    for path in images:
+        hdr = nib.load(str(path)).header
+        assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == codes, path.name
+        assert hdr.get_xyzt_units()[0] == "mm", path.name
+
+
+def test_sidecar_claims_no_source_geometry(run, tiny_sample):
+    source = json.loads((run["bids"] / "sub-01" / "anat" / "sub-01_T2w.json").read_text())
+    assert source["SpacingBetweenSlices"] == source["SliceThickness"] == 7.5  # the sample's 7.5 mm slices
+    sidecar = json.loads((run["out"] / "sub-01/anat/sub-01_space-T1w_desc-atlasgs_T2w.json").read_text())
+    for key in ("SliceThickness", "SpacingBetweenSlices", "SliceEncodingDirection"):
+        assert key not in sidecar
+        assert sidecar["Parameters"]["source_geometry"][key] == source[key]
+    img = nib.load(str(run["out"] / "sub-01/anat/sub-01_space-T1w_desc-atlasgs_T2w.nii.gz"))
+    assert max(img.header.get_zooms()[:3]) == pytest.approx(2.5)  # what the image is: the T1w's 2.5 mm grid
+    assert sidecar["Parameters"]["acquisition"]["slice_thickness_mm"] == 7.5  # what the fit used
+
+
+def test_output_passes_the_validator_without_unit_warnings(run):
+    from atlasgs_bids.bids.validate import find_validator, run_validator
+    from atlasgs_bids.errors import InputError
+
+    try:
+        find_validator()
+    except InputError as exc:
+        pytest.skip(str(exc))
+    report = run_validator(run["out"])
+    assert report.errors == {}, report.summary()
+    assert "NIFTI_UNIT" not in report.warnings, report.warnings["NIFTI_UNIT"]
+
+
+def test_bids_database_is_reused(run, tmp_path):
+    """A subject added after the index was saved is not seen through the index (nothing re-listed), and is seen
+    without it; an index of another dataset is refused."""
+    bids = run["bids"]
+    shutil.copytree(bids / "sub-02", bids / "sub-03")
+    try:
+        proc = run_cli(bids, tmp_path / "o", "participant", "--participant-label", "03", "--skip-bids-validation",
+                       *BASE_FLAGS, "--bids-database-dir", run["db"])
+        assert proc.returncode == 2
+        assert f"pybids index read from {run['db']}" in proc.stderr
+        assert_short_message(proc.stderr, "no subject(s) sub-03", "sub-01, sub-02")
+    finally:
+        shutil.rmtree(bids / "sub-03")
+    other = copy_bids(bids, tmp_path / "other")
+    proc = run_cli(other, tmp_path / "o2", "participant", "--skip-bids-validation", *BASE_FLAGS,
+                   "--bids-database-dir", run["db"])
+    assert proc.returncode == 2
+    assert_short_message(proc.stderr, str(run["db"]), f"indexes {bids}", "its own folder")
+
+
+def test_group_level_from_the_derivatives_alone(run, tmp_path):
+    """The raw dataset gone (moved away): the group table still lists sub-01 (ok) and sub-02 (missing: in the raw
+    dataset, never run), from the derivatives' sidecars and logs/participants.tsv."""
+    out = shutil.copytree(run["out"], tmp_path / "derivatives")
+    gone = tmp_path / "raw-not-here"
+    proc = run_cli(gone, out, "group")
+    assert proc.returncode == 0, proc.stderr
+    assert "reads the derivatives alone" in proc.stderr
+    with open(out / "group_qc.tsv", newline="") as fh:
+        rows = [(r["participant_id"], r["status"]) for r in csv.DictReader(fh, delimiter="\t")]
+    assert rows == [("sub-01", "ok"), ("sub-02", "missing")]
+    assert (out / "group_qc.html").is_file()
+    # the participant level still needs the raw dataset
+    proc = run_cli(gone, tmp_path / "o", "participant", *BASE_FLAGS)
+    assert proc.returncode == 2 and "path does not exist" in proc.stderr
