@@ -7,12 +7,18 @@ Solves, for every column (volume) of ``y``,
 by Jacobi-preconditioned conjugate gradients on the normal equations. ``A`` [M, N] is a sparse measurement
 operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels, ``L`` [N, N] a graph
 Laplacian (or none).
+
+With ``bounds``, each Gaussian's amplitude ``c_i = sum_k basis_ik v_ik`` is constrained to ``[lower_i, upper_i]``
+(per volume): CG gives the unconstrained minimiser, and a projected-gradient refinement
+(:func:`~atlasgs_bids.gaussians.solve.projected_gradient`) moves it to the constrained minimiser of the same
+objective. The feasible set is, per Gaussian, a slab in its nb channels, so the projection is closed form.
+Because every Gaussian is non-negative everywhere, ``c >= 0`` makes the field itself non-negative everywhere.
 """
 from __future__ import annotations
 
 import torch
 
-from atlasgs_bids.gaussians.solve import conjugate_gradient
+from atlasgs_bids.gaussians.solve import conjugate_gradient, projected_gradient
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 
 
@@ -27,11 +33,18 @@ def fit_coefficients(
     max_iter: int = 400,
     tol: float = 1e-4,
     v0: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    bound_iter: int = 100,
+    bound_tol: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:
     """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` ([M, N]).
 
     ``v0`` [N, nb, V] is an optional starting point (the minimiser does not depend on it, the iteration count does).
-    Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history).
+    ``bounds`` = (lower or None, upper or None), each [N] (every volume) or [N, V]: box on each amplitude ``c_i``
+    (same units as ``c``); refined by at most ``bound_iter`` projected-gradient iterations (stop at ``bound_tol``).
+    Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history; with
+    bounds also ``bound_iterations``, ``bound_step`` history, and ``n_at_bound_cg`` the amplitudes outside the box
+    after CG, worst volume).
     """
     n, nb = basis.shape
     n_vol = y.shape[1]
@@ -56,12 +69,46 @@ def fit_coefficients(
     diag = basis**2 * col_sq[:, None] + ridge
     if laplacian is not None:
         diag = diag + lam_t[None, :] * laplacian.diagonal().to(device)[:, None]
+    precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)
+    rhs = adjoint(y)
     v, info = conjugate_gradient(
-        normal,
-        adjoint(y),
-        1.0 / diag.reshape(-1).clamp_min(1e-8),
-        x0=None if v0 is None else v0.reshape(-1, n_vol),
-        max_iter=max_iter,
-        tol=tol,
+        normal, rhs, precond, x0=None if v0 is None else v0.reshape(-1, n_vol), max_iter=max_iter, tol=tol
     )
+    if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
+        lower, upper = bounds
+        c = expand(v)
+        lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)
+        outside = torch.zeros_like(c, dtype=torch.bool)
+        if lower is not None:
+            outside |= c < lower
+        if upper is not None:
+            outside |= c > upper
+        info["n_at_bound_cg"] = int(outside.sum(0).max())
+        project = _slab_projection(basis, precond.view(n, nb), lower, upper, n_vol)
+        v, pg = projected_gradient(normal, rhs, precond, project, v, max_iter=bound_iter, tol=bound_tol)
+        info["bound_iterations"] = pg["iterations"]
+        info["bound_step"] = pg["step"]
     return expand(v), info
+
+
+def _slab_projection(basis: torch.Tensor, scale: torch.Tensor, lower: torch.Tensor | None,
+                     upper: torch.Tensor | None, n_vol: int):
+    """Projection onto ``lower_i <= sum_k basis_ik v_ik <= upper_i`` in the norm weighted by ``1 / scale``.
+
+    ``basis``, ``scale`` [N, nb]; ``lower``, ``upper`` [N, V] or None; unknowns laid out [N * nb, V]. For one
+    Gaussian the set is a slab with normal
+    ``w = basis_i``; the nearest point of ``z`` in the ``diag(scale)^-1`` metric is
+    ``z - (w.z - clamp(w.z)) / (w^T S w) * S w``.
+    """
+    n, nb = basis.shape
+    sw = scale * basis  # [N, nb]
+    wsw = (basis * sw).sum(1).clamp_min(1e-30)  # [N]
+    lo, hi = lower, upper
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        vv = v.view(n, nb, n_vol)
+        t = (basis[:, :, None] * vv).sum(1)  # [N, V]
+        excess = t - t.clamp(min=lo, max=hi)
+        return (vv - (excess / wsw[:, None])[:, None, :] * sw[:, :, None]).reshape(-1, n_vol)
+
+    return project
