@@ -15,7 +15,7 @@ image is never resampled; a 4D series is one solve with one right-hand side per 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
+from atlasgs_bids.imaging.noise import graph_noise_sigma, noise_sigma_inplane
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class AppearanceOptions:
         (they see tissue the scaffold does not model, e.g. skull)
     basis : "affine" (intensity + T1w-proportional channel per Gaussian, the default; ADR 0002) or "intensity"
     lam_ratio : lambda of the T1w-proportional channel relative to ``lam``
+    w_floor : floor of the T1w-similarity factor of every Laplacian weight, in [0, 1): a Gaussian whose T1w differs
+        from all its neighbours by more than ``h`` keeps this much coupling to them (ADR 0005)
+    h_noise : the edge bandwidth used is ``max(h, h_noise * sigma_t1)``, sigma_t1 the T1w noise SD estimated on the
+        scaffold (normalised T1w units; :func:`~atlasgs_bids.imaging.noise.graph_noise_sigma`); 0 disables
+    nonnegative : constrain every Gaussian amplitude to >= 0 (the field is then >= 0 everywhere), applied when the
+        target is a magnitude image (the 0.1st percentile of its fitted voxels >= 0)
+    upper : bound each Gaussian's intensity (amplitude / overlap normaliser) by this multiple of the 99.9th
+        percentile of the fitted measurements; None: no upper bound
+    bound_iter : projected-gradient iterations after CG that enforce the bounds
+    tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; about five small extra fits)
     """
 
     lam: float = 0.003
@@ -51,10 +63,22 @@ class AppearanceOptions:
     min_mask_fraction: float = 0.5
     basis: str = "affine"
     lam_ratio: float = 1.0
+    w_floor: float = 0.0
+    h_noise: float = 0.0
+    nonnegative: bool = True
+    upper: float | None = 1.1
+    bound_iter: int = 100
+    tune: bool = False
 
     def __post_init__(self) -> None:
         if self.basis not in ("affine", "intensity"):
             raise ValueError(f"AppearanceOptions.basis must be 'affine' or 'intensity', got {self.basis!r}")
+        if not 0.0 <= self.w_floor < 1.0 or self.h_noise < 0 or self.bound_iter < 0 or (
+                self.upper is not None and self.upper <= 0):
+            raise ValueError(
+                "AppearanceOptions needs 0 <= w_floor < 1, h_noise >= 0, bound_iter >= 0 and upper > 0 (or None), "
+                f"got w_floor={self.w_floor}, h_noise={self.h_noise}, bound_iter={self.bound_iter}, upper={self.upper}"
+            )
         if self.lam < 0 or self.lam_ratio < 0 or self.h <= 0 or self.k_neighbours < 1 or self.max_iter < 1:
             raise ValueError(
                 "AppearanceOptions needs lam >= 0, lam_ratio >= 0, h > 0, k_neighbours >= 1 and max_iter >= 1, "
@@ -64,7 +88,8 @@ class AppearanceOptions:
 
     @classmethod
     def preset(cls, quality: str) -> "AppearanceOptions":
-        presets = {"fast": cls(max_iter=150, tol=1e-4), "default": cls(), "best": cls(max_iter=1000, tol=3e-6)}
+        presets = {"fast": cls(max_iter=150, tol=1e-4), "default": cls(tune=True),
+                   "best": cls(max_iter=1000, tol=3e-6, tune=True)}
         if quality not in presets:
             raise ValueError(f"unknown quality {quality!r}: use one of {sorted(presets)}")
         return presets[quality]
@@ -152,24 +177,37 @@ def _overlap_normaliser(scaffold: Scaffold, covs: torch.Tensor, device: torch.de
     return 1.0 / density.clamp_min(1e-3)
 
 
-def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device) -> SparseMatrix:
-    """Sparse graph Laplacian [N, N] (float32) of the scaffold's kNN graph with T1w-similarity weights."""
+def scaffold_neighbours(scaffold: Scaffold, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each Gaussian's ``k`` nearest other Gaussians: distances [N, k] (mm) and indices [N, k] (int)."""
     from scipy.spatial import cKDTree
 
     means = scaffold.means.numpy().astype(np.float64)
     k = min(k, len(means) - 1)
     dist, nbr = cKDTree(means).query(means, k=k + 1)
-    dist, nbr = dist[:, 1:], nbr[:, 1:]
+    return dist[:, 1:], nbr[:, 1:]
+
+
+def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device, w_floor: float = 0.0,
+                 neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> SparseMatrix:
+    """Sparse graph Laplacian [N, N] (float32) of the scaffold's kNN graph with T1w-similarity weights.
+
+    Edge weight ``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * (d0 / d_ij)^2``: t1 normalised T1w, h in
+    its units, d0 the median nearest-neighbour distance (mm). ``neighbours``: :func:`scaffold_neighbours`' output,
+    when already computed.
+    """
+    dist, nbr = neighbours if neighbours is not None else scaffold_neighbours(scaffold, k)
+    k = nbr.shape[1]
+    n = scaffold.n_gaussians
     d0 = float(np.median(dist[:, 0]))
     t1 = scaffold.t1_values.numpy().astype(np.float64)
-    rows = np.repeat(np.arange(len(means)), k)
+    rows = np.repeat(np.arange(n), k)
     cols = nbr.reshape(-1)
-    w = np.exp(-((t1[rows] - t1[cols]) ** 2) / h**2) * (d0 / np.maximum(dist.reshape(-1), 0.1 * d0)) ** 2
+    sim = w_floor + (1.0 - w_floor) * np.exp(-((t1[rows] - t1[cols]) ** 2) / h**2)
+    w = sim * (d0 / np.maximum(dist.reshape(-1), 0.1 * d0)) ** 2
     # Symmetrise: an edge found from either end counts once, with its mean weight.
     i = np.concatenate([rows, cols])
     j = np.concatenate([cols, rows])
     ww = np.concatenate([w, w]) * 0.5
-    n = len(means)
     deg = np.bincount(i, weights=ww, minlength=n)
     diag_idx = np.arange(n)
     rows = np.concatenate([i, diag_idx])
@@ -208,6 +246,14 @@ def fit_appearance(
     t0 = time.perf_counter()
     device = torch.device(device)
     vol = _check_target(data, acquisition, target2t1w)
+    tuning = None
+    if opts.tune:
+        from atlasgs_bids.qc.tuning import tune_appearance
+
+        if mask is None:
+            opts, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, device=device)
+        else:  # a fit on part of the target (e.g. held-out QC): the caller chooses its hyperparameters
+            opts = replace(opts, tune=False)
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
 
     ijk = fit_voxels(scaffold, acquisition, target2t1w, opts)
@@ -226,7 +272,15 @@ def fit_appearance(
     covs = sc.covs()
     a_mat = measurement_matrix(sc.means, covs, vox2t1w, ijk, acquisition)
     s = _overlap_normaliser(sc, covs, device)
-    lap = t1_laplacian(scaffold, h=opts.h, k=opts.k_neighbours, device=device)
+    neighbours = scaffold_neighbours(scaffold, opts.k_neighbours)
+    sigma_t1 = graph_noise_sigma(scaffold.t1_values.numpy(), neighbours[1])
+    h_used = max(opts.h, opts.h_noise * sigma_t1)
+    lap = t1_laplacian(scaffold, h=h_used, k=opts.k_neighbours, device=device, w_floor=opts.w_floor,
+                       neighbours=neighbours)
+    fitted_mask = np.zeros(acquisition.shape, dtype=bool)
+    fitted_mask[tuple(ijk.T)] = True
+    sigma_target = noise_sigma_inplane(vol[..., 0], fitted_mask, acquisition.slice_axis)
+    lower, upper, bound_info = _amplitude_bounds(y_raw, intensity, s, opts)
     t_build = time.perf_counter() - t0
 
     # Basis channels: c = sum_k basis_k * v_k. "intensity": v is the target's intensity near each Gaussian;
@@ -241,7 +295,8 @@ def fit_appearance(
     v0 = torch.zeros(sc.n_gaussians, basis.shape[1], y.shape[1], device=device)
     v0[:, 0] = splat
     coeffs, info = fit_coefficients(
-        a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0
+        a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0,
+        bounds=(lower, upper), bound_iter=opts.bound_iter,
     )
     pred = a_mat.matmul(coeffs)
     resid = y - pred
@@ -258,6 +313,13 @@ def fit_appearance(
         "nnz": a_mat.nnz,
         "options": asdict(opts),
         "device": str(device),
+        "noise": {"target_sigma": sigma_target, "target_sigma_normalised": sigma_target / intensity.scale,
+                  "t1w_sigma_normalised": sigma_t1,
+                  "method": "in-plane Immerkaer high-pass MAD (target), kNN-mean residual MAD (T1w on the scaffold)"},
+        "h_used": h_used,
+        "tuning": tuning,
+        "bounds": {**bound_info, "n_outside_after_cg": info.get("n_at_bound_cg"),
+                   "iterations": info.get("bound_iterations", 0)},
     }
     return Appearance(
         scaffold=scaffold,
@@ -269,6 +331,28 @@ def fit_appearance(
         fitted_ijk=ijk.astype(np.int32),
         fitted_residual=fitted_residual,
     )
+
+
+def _amplitude_bounds(y_raw: np.ndarray, intensity: IntensityScale, s: torch.Tensor,
+                      opts: AppearanceOptions) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """Box on each Gaussian amplitude ``c_i`` (normalised units) from the fitted measurements ``y_raw`` [M, V].
+
+    Lower 0 when ``opts.nonnegative`` and the target is a magnitude image (0.1st percentile of ``y_raw`` >= 0).
+    Upper ``opts.upper * p99.9(y_raw[:, v]) * s_i`` for volume v: the Gaussian's intensity ``c_i / s_i`` (``s_i``
+    the overlap normaliser, so that a region of equal intensities u renders as u) is at most that multiple of what
+    the volume itself measured in all but 0.1 % of its voxels. Returns (lower [N] or None, upper [N, V] or None, a
+    JSON-safe record in target units, the cap of the first volume).
+    """
+    magnitude = bool(np.percentile(y_raw, 0.1) >= 0.0)
+    lower = torch.zeros_like(s) if (opts.nonnegative and magnitude) else None
+    upper = None
+    cap = None
+    if opts.upper is not None:
+        caps = opts.upper * np.percentile(y_raw, 99.9, axis=0)  # [V], target units
+        cap = float(caps[0])
+        upper = s[:, None] * torch.as_tensor(intensity.apply(caps), dtype=s.dtype, device=s.device)[None, :]
+    record = {"lower": 0.0 if lower is not None else None, "upper_intensity": cap, "magnitude_image": magnitude}
+    return lower, upper, record
 
 
 def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndarray,

@@ -79,6 +79,8 @@ class SelfValidation:
     flag : True when AtlasGS is not better than cubic (gain <= 0 dB)
     seconds : wall-clock seconds of the whole call; fit_seconds : of the held-out fit alone
     n_gaussians : Gaussians in the held-out fit (the scaffold's, restricted to the slab)
+    tuning : the hyperparameter choice the fit used when the options ask for tuning
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`'s record), else None
     """
 
     slice_axis: int
@@ -95,6 +97,7 @@ class SelfValidation:
     seconds: float
     fit_seconds: float
     n_gaussians: int
+    tuning: dict | None = None
 
     def to_json(self) -> dict:
         """JSON-safe dict (the ``self_validation`` block of the QC JSON)."""
@@ -104,7 +107,7 @@ class SelfValidation:
 
 
 def choose_heldout_slices(brain_voxels_per_slice: np.ndarray, *, seed: int = 0, every: int = EVERY,
-                          max_heldout: int = MAX_HELDOUT) -> list[int]:
+                          max_heldout: int = MAX_HELDOUT, phase: int | None = None) -> list[int]:
     """Held-out slice indices: every ``every``-th slice inside the brain-covered slab, near its middle.
 
     Parameters
@@ -113,6 +116,7 @@ def choose_heldout_slices(brain_voxels_per_slice: np.ndarray, *, seed: int = 0, 
     seed : picks the phase of the ``every``-cycle (deterministic: the same seed gives the same slices)
     every : spacing of the held-out slices, >= 2 (so each has a kept neighbour on both sides)
     max_heldout : at most this many, a run centred on the middle of the brain slab
+    phase : the phase itself (0 .. every - 1), overriding ``seed``
 
     Returns
     -------
@@ -128,7 +132,8 @@ def choose_heldout_slices(brain_voxels_per_slice: np.ndarray, *, seed: int = 0, 
     if brain.size < 3:
         return []
     lo, hi = int(brain[0]), int(brain[-1])
-    phase = int(np.random.default_rng(seed).integers(every))
+    if phase is None:
+        phase = int(np.random.default_rng(seed).integers(every))
     cand = [s for s in range(lo + 1, hi) if (s - lo - 1) % every == phase and counts[s] > 0]
     if not cand:
         cand = [s for s in range(lo + 1, hi) if counts[s] > 0][:1]
@@ -172,7 +177,12 @@ def slab_scaffold(scaffold: Scaffold, vox2t1w: np.ndarray, slice_axis: int, firs
     to_vox = np.linalg.inv(np.asarray(vox2t1w, dtype=np.float64))
     means = scaffold.means.detach().cpu().numpy().astype(np.float64)
     s = means @ to_vox[slice_axis, :3] + to_vox[slice_axis, 3]
-    keep = torch.as_tensor(np.flatnonzero((s >= first) & (s <= last)))
+    return subset_scaffold(scaffold, np.flatnonzero((s >= first) & (s <= last)))
+
+
+def subset_scaffold(scaffold: Scaffold, keep: np.ndarray) -> Scaffold:
+    """The scaffold restricted to the Gaussians ``keep`` (int indices); mask and metadata kept whole."""
+    keep = torch.as_tensor(np.asarray(keep, dtype=np.int64))
     return replace(scaffold, means=scaffold.means[keep], quats=scaffold.quats[keep],
                    log_scales=scaffold.log_scales[keep], amplitudes=scaffold.amplitudes[keep],
                    t1_values=scaffold.t1_values[keep])
@@ -243,18 +253,78 @@ def self_validate(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition
         return None
     n = vol.shape[axis]
     first, last = max(held[0] - margin, 0), min(held[-1] + margin, n - 1)
-    slab = np.zeros(n, dtype=bool)
-    slab[first:last + 1] = True
+    tuning = None
+    if opts.tune:  # the main fit's choice (deterministic), made on slices outside every QC slab: nested
+        from atlasgs_bids.qc.tuning import tune_appearance
+
+        opts, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, qc_every=every,
+                                       qc_max_heldout=max_heldout, qc_margin=margin, device=device)
+    run = heldout_fit(scaffold, vol, acquisition, target2t1w, opts, held, (first, last), eligible=eligible,
+                      device=device)
+    return SelfValidation(slice_axis=axis, heldout_slices=held, fit_slices=(first, last),
+                          n_fit_slices=run.n_fit_slices, n_scored=run.n_scored, edge_mm=run.edge_mm,
+                          all_voxels=run.all_voxels, atlasgs=run.atlasgs, cubic=run.cubic,
+                          gain_psnr_db=run.gain_psnr_db, flag=bool(run.gain_psnr_db <= 0.0),
+                          seconds=time.perf_counter() - t0, fit_seconds=run.fit_seconds,
+                          n_gaussians=run.n_gaussians, tuning=tuning)
+
+
+@dataclass(frozen=True)
+class HeldOutRun:
+    """One held-out fit and its scores (:func:`heldout_fit`); fields as in :class:`SelfValidation`."""
+
+    n_fit_slices: int
+    n_scored: int
+    edge_mm: float
+    all_voxels: dict
+    atlasgs: HeldOutScores
+    cubic: HeldOutScores
+    gain_psnr_db: float
+    fit_seconds: float
+    n_gaussians: int
+    appearance: object
+
+
+def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
+                options: AppearanceOptions, held: list[int], slab: tuple[int, int], *,
+                eligible: np.ndarray | None = None, region: np.ndarray | None = None,
+                device: str | torch.device = "cpu") -> HeldOutRun:
+    """Fit the kept slices of ``slab`` (inclusive slice range), predict ``held`` and score both predictions.
+
+    Parameters
+    ----------
+    scaffold, acquisition, target2t1w, options : as for :func:`self_validate`
+    vol : (I, J, K) the target (first volume), its own units and grid
+    held : held-out slice indices (along the slice axis), inside ``slab`` and not at its ends
+    slab : (first, last) slices of the fit
+    eligible : [E, 3] voxels of the brain-mask rule (:func:`fit_voxels`), computed when None
+    region : (I, J, K) bool, optional: restrict fitted and scored voxels (and the Gaussians, to those within
+        :data:`GAUSSIAN_MARGIN` target voxels of it in plane) to this region, e.g. an in-plane box to bound the
+        cost; the edge rule then measures distances to the region's edge too
+    """
+    axis = int(acquisition.slice_axis)
+    if eligible is None:
+        eligible = fit_voxels(scaffold, acquisition, target2t1w, options)
+    if region is not None:
+        eligible = eligible[np.asarray(region, dtype=bool)[tuple(eligible.T)]]
+    first, last = slab
+    n = vol.shape[axis]
+    in_slab = np.zeros(n, dtype=bool)
+    in_slab[first:last + 1] = True
     is_held = np.zeros(n, dtype=bool)
     is_held[held] = True
     shape = [1, 1, 1]
     shape[axis] = n
-    fit_mask = np.broadcast_to((slab & ~is_held).reshape(shape), vol.shape)
+    fit_mask = np.broadcast_to((in_slab & ~is_held).reshape(shape), vol.shape)
+    if region is not None:
+        fit_mask = fit_mask & np.asarray(region, dtype=bool)
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
     sub = slab_scaffold(scaffold, vox2t1w, axis, first - GAUSSIAN_MARGIN, last + GAUSSIAN_MARGIN)
+    if region is not None:
+        sub = _region_scaffold(sub, vox2t1w, region, axis)
 
     t1 = time.perf_counter()
-    appearance = fit_appearance(sub, vol, acquisition, target2t1w, opts, mask=fit_mask, device=device)
+    appearance = fit_appearance(sub, vol, acquisition, target2t1w, options, mask=fit_mask, device=device)
     fit_s = time.perf_counter() - t1
 
     heldout = eligible[is_held[eligible[:, axis]]]
@@ -272,9 +342,19 @@ def self_validate(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition
     a, c = score(ours[inner], measured[inner]), score(cubic[inner], measured[inner])
     everything = {"atlasgs": asdict(score(ours, measured)), "cubic": asdict(score(cubic, measured)),
                   "n": int(len(heldout))}
-    gain = float(a.psnr - c.psnr)
-    return SelfValidation(slice_axis=axis, heldout_slices=held, fit_slices=(first, last),
-                          n_fit_slices=int((slab & ~is_held).sum()), n_scored=int(inner.sum()), edge_mm=edge_mm,
-                          all_voxels=everything, atlasgs=a, cubic=c,
-                          gain_psnr_db=gain, flag=bool(gain <= 0.0), seconds=time.perf_counter() - t0,
-                          fit_seconds=fit_s, n_gaussians=sub.n_gaussians)
+    return HeldOutRun(n_fit_slices=int((in_slab & ~is_held).sum()), n_scored=int(inner.sum()), edge_mm=edge_mm,
+                      all_voxels=everything, atlasgs=a, cubic=c, gain_psnr_db=float(a.psnr - c.psnr),
+                      fit_seconds=fit_s, n_gaussians=sub.n_gaussians, appearance=appearance)
+
+
+def _region_scaffold(scaffold: Scaffold, vox2t1w: np.ndarray, region: np.ndarray, axis: int) -> Scaffold:
+    """Gaussians whose mean, in target voxel coordinates, lies within :data:`GAUSSIAN_MARGIN` voxels (in plane)
+    of the in-plane bounding box of ``region`` (I, J, K) bool."""
+    inplane = [a for a in range(3) if a != axis]
+    nz = np.argwhere(region)
+    lo, hi = nz.min(0) - GAUSSIAN_MARGIN, nz.max(0) + GAUSSIAN_MARGIN
+    to_vox = np.linalg.inv(np.asarray(vox2t1w, dtype=np.float64))
+    means = scaffold.means.detach().cpu().numpy().astype(np.float64)
+    t = means @ to_vox[:3, :3].T + to_vox[:3, 3]
+    keep = np.all((t[:, inplane] >= lo[inplane]) & (t[:, inplane] <= hi[inplane]), axis=1)
+    return subset_scaffold(scaffold, np.flatnonzero(keep))

@@ -1,0 +1,167 @@
+"""Stage-2 hyperparameters chosen from the target's own held-out slices, nested away from the QC slices.
+
+Why: lambda = 0.003 with no weight floor was tuned on the noiseless MNI152 template; on a real scan (noise in the
+target and in the T1w, vessels, sulci) the same values let isolated Gaussians run away between slices (issue 12).
+What fits one target is measured on that target:
+
+1. Noise. The target's noise SD is estimated from its own slices (:func:`~atlasgs_bids.imaging.noise.noise_sigma_inplane`,
+   inside the fitted voxels, normalised like the fit). It sets the centre of the lambda grid:
+   ``lam_c = max(options.lam, NOISE_LAM_GAIN * sigma_n^2)`` (the MAP weight of a Gaussian prior grows as the noise
+   variance; the gain is calibrated so that bids-chris's PDw, sigma_n = 0.0098, centres on 0.01).
+2. Held-out slices. A slab of ``TUNE_HELDOUT`` held-out slices, every ``TUNE_EVERY``-th, with kept slices around
+   them, in an in-plane box of ``box_mm`` (bounds the cost), chosen OUTSIDE every slab the QC self-validation
+   (:func:`~atlasgs_bids.qc.selfval.self_validate`, any seed) can use: the slices that choose cannot be the
+   slices that score. Candidates are fitted on the kept slices and scored on the held-out ones (PSNR, through the
+   target's slice profile, :func:`~atlasgs_bids.qc.selfval.heldout_fit`).
+3. Search. Coordinate search, 5 fits: the Laplacian weight floor over :data:`FLOOR_GRID` at ``lam_c``, then lambda
+   over ``lam_c x`` :data:`LAM_FACTORS` at the best floor. The best held-out PSNR wins.
+
+When no such slab exists (a thin target, or one whose brain lies within the QC slabs) the options are used as
+given and the record says why.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_voxels
+from atlasgs_bids.gaussians.scaffold import Scaffold
+from atlasgs_bids.imaging.acquisition import Acquisition
+from atlasgs_bids.imaging.intensity import fit_intensity_scale
+from atlasgs_bids.imaging.noise import noise_sigma_inplane
+from atlasgs_bids.qc import selfval
+
+#: lam_c = max(lam, NOISE_LAM_GAIN * sigma_n^2), sigma_n the target's noise SD in normalised units (99th pct = 1).
+NOISE_LAM_GAIN = 100.0
+#: Floors of the T1w-similarity factor of the Laplacian weights tried.
+FLOOR_GRID = (0.0, 0.01, 0.03)
+#: Multiples of lam_c tried (at the best floor); 1 is tried with the floors.
+LAM_FACTORS = (1.0 / 3.0, 3.0)
+#: Held-out slices of the tuning slab, their spacing, and kept slices beyond the outermost ones.
+TUNE_HELDOUT, TUNE_EVERY, TUNE_MARGIN = 2, 3, 1
+#: In-plane side (mm) of the tuning box.
+BOX_MM = 80.0
+
+
+def qc_slices(counts: np.ndarray, *, every: int = selfval.EVERY, max_heldout: int = selfval.MAX_HELDOUT,
+              margin: int = selfval.MARGIN) -> np.ndarray:
+    """(K,) bool: slices inside any slab :func:`~atlasgs_bids.qc.selfval.self_validate` may fit (every phase)."""
+    n = len(counts)
+    out = np.zeros(n, dtype=bool)
+    for phase in range(every):
+        held = selfval.choose_heldout_slices(counts, every=every, max_heldout=max_heldout, phase=phase)
+        if held:
+            out[max(held[0] - margin, 0):min(held[-1] + margin, n - 1) + 1] = True
+    return out
+
+
+def tuning_slab(counts: np.ndarray, excluded: np.ndarray, *, n_heldout: int = TUNE_HELDOUT,
+                every: int = TUNE_EVERY, margin: int = TUNE_MARGIN) -> tuple[list[int], tuple[int, int]] | None:
+    """Held-out slices and (first, last) slab for tuning: all slab slices see brain, none is ``excluded``.
+
+    Among the admissible positions the slab with the most brain voxels is taken (ties: the lowest index).
+
+    >>> tuning_slab(np.array([0, 9, 9, 9, 9, 9, 9, 9, 0, 0]), np.zeros(10, dtype=bool))
+    ([2, 5], (1, 6))
+    """
+    counts = np.asarray(counts)
+    length = (n_heldout - 1) * every + 1 + 2 * margin
+    best, best_sum = None, -1
+    for first in range(0, len(counts) - length + 1):
+        sl = slice(first, first + length)
+        if np.any(counts[sl] <= 0) or np.any(excluded[sl]):
+            continue
+        total = int(counts[sl].sum())
+        if total > best_sum:
+            best, best_sum = first, total
+    if best is None:
+        return None
+    held = [best + margin + i * every for i in range(n_heldout)]
+    return held, (best, best + length - 1)
+
+
+def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
+                    options: AppearanceOptions, *, box_mm: float = BOX_MM, qc_every: int = selfval.EVERY,
+                    qc_max_heldout: int = selfval.MAX_HELDOUT, qc_margin: int = selfval.MARGIN,
+                    device: str | torch.device = "cpu") -> tuple[AppearanceOptions, dict]:
+    """Choose ``lam`` and ``w_floor`` for one target from its own held-out slices (see the module docstring).
+
+    Parameters
+    ----------
+    scaffold : stage-1 result (T1w world mm RAS)
+    data : (I, J, K) or (I, J, K, V) the target, own units and grid (a series is tuned on its first volume)
+    acquisition, target2t1w : the target's acquisition model and target world -> T1w world (mm RAS)
+    options : the preset; its other fields are kept
+    box_mm : in-plane side of the tuning region (mm)
+    qc_every, qc_max_heldout, qc_margin : the QC self-validation's settings, whose slabs are excluded
+
+    Returns
+    -------
+    (options with the chosen ``lam`` and ``w_floor`` and ``tune=False``, a JSON-safe record: noise estimate,
+    slab, every candidate's held-out PSNR/NCC, the choice, seconds; ``chosen`` is None when not tuned)
+    """
+    t0 = time.perf_counter()
+    base = replace(options, tune=False)
+    vol = np.asarray(data, dtype=np.float32)
+    vol = vol[..., 0] if vol.ndim == 4 else vol
+    axis = int(acquisition.slice_axis)
+    eligible = fit_voxels(scaffold, acquisition, target2t1w, base)
+    record: dict = {"method": "held-out slices outside the QC slabs; coordinate search over w_floor then lam",
+                    "chosen": None}
+    if len(eligible) < 100:
+        record["reason"] = "too few target voxels in the brain mask"
+        return base, record
+    fitted = np.zeros(vol.shape, dtype=bool)
+    fitted[tuple(eligible.T)] = True
+    scale = fit_intensity_scale(vol[fitted]).scale
+    sigma = noise_sigma_inplane(vol, fitted, axis)
+    sigma_n = sigma / scale
+    lam_c = float(max(options.lam, NOISE_LAM_GAIN * sigma_n**2)) if np.isfinite(sigma_n) else float(options.lam)
+    record.update(noise_sigma=sigma, noise_sigma_normalised=sigma_n, lam_centre=lam_c)
+
+    counts = np.bincount(eligible[:, axis], minlength=vol.shape[axis])
+    excluded = qc_slices(counts, every=qc_every, max_heldout=qc_max_heldout, margin=qc_margin)
+    slab = tuning_slab(counts, excluded)
+    if slab is None:
+        record["reason"] = "no slab of brain slices outside the QC self-validation slabs"
+        return replace(base, lam=lam_c), record
+    held, (first, last) = slab
+    region = _inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, box_mm)
+    record.update(heldout_slices=held, fit_slices=[first, last], box_mm=box_mm)
+
+    tried: list[dict] = []
+
+    def trial(lam: float, w_floor: float) -> float:
+        opts = replace(base, lam=lam, w_floor=w_floor)
+        run = selfval.heldout_fit(scaffold, vol, acquisition, target2t1w, opts, held, (first, last),
+                                  eligible=eligible, region=region, device=device)
+        tried.append({"lam": lam, "w_floor": w_floor, "psnr": run.atlasgs.psnr, "ncc": run.atlasgs.ncc,
+                      "cubic_psnr": run.cubic.psnr, "n_scored": run.n_scored, "seconds": run.fit_seconds})
+        return run.atlasgs.psnr
+
+    floors = {f: trial(lam_c, f) for f in FLOOR_GRID}
+    w_best = max(floors, key=floors.get)
+    lams = {lam_c: floors[w_best]}
+    lams.update({lam_c * k: trial(lam_c * k, w_best) for k in LAM_FACTORS})
+    lam_best = max(lams, key=lams.get)
+    record.update(tried=tried, chosen={"lam": lam_best, "w_floor": w_best}, seconds=time.perf_counter() - t0)
+    return replace(base, lam=lam_best, w_floor=w_best), record
+
+
+def _inplane_box(eligible: np.ndarray, shape: tuple[int, ...], axis: int, zooms: np.ndarray, first: int, last: int,
+                 box_mm: float) -> np.ndarray:
+    """(I, J, K) bool: an in-plane box of ``box_mm`` centred on the brain voxels of slices first..last."""
+    inplane = [a for a in range(3) if a != axis]
+    on = eligible[(eligible[:, axis] >= first) & (eligible[:, axis] <= last)]
+    centre = np.round(on[:, inplane].mean(0)).astype(int)
+    region = np.zeros(shape[:3], dtype=bool)
+    sl = [slice(None)] * 3
+    for a, c in zip(inplane, centre):
+        half = int(round(box_mm / 2.0 / float(zooms[a])))
+        sl[a] = slice(max(c - half, 0), c + half + 1)
+    region[tuple(sl)] = True
+    return region
+
