@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +26,6 @@ from conftest import REPO, copy_bids
 from slurm_cluster import LocalSlurm, why_unavailable
 from test_bad_inputs import BASE_FLAGS, T2W, run_cli
 from test_interrupted_runs import outputs_differ
-
-pytestmark = pytest.mark.slow
 
 SCRIPTS = REPO / "scripts" / "slurm"
 LABELS = ("01", "02", "03", "04")
@@ -68,7 +69,14 @@ def _job_logs(logs: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}" for f in sorted(logs.glob("*.out")))
 
 
+def _newest_source() -> float:
+    """The latest modification time of the package's Python files (the jobs and the direct run import them)."""
+    return max(p.stat().st_mtime for p in (REPO / "atlasgs_bids").rglob("*.py"))
+
+
+@pytest.mark.slow
 def test_array_group_and_resubmission_on_slurm(slurm, tiny_sample, tmp_path):
+    sources_at_start = _newest_source()
     bids = copy_bids(tiny_sample.bids_dir, tmp_path / "bids", participants=LABELS)
     # 0. the reference: a direct run of two participants (same flags and threads as the array's tasks)
     direct = tmp_path / "direct"
@@ -119,9 +127,30 @@ def test_array_group_and_resubmission_on_slurm(slurm, tiny_sample, tmp_path):
     assert "sub-01: already done" in _job_logs(logs)
 
     # 3. the outputs equal the direct run's
-    for label in ("01", BROKEN):
-        assert outputs_differ(out / f"sub-{label}", direct / f"sub-{label}") == []
+    differ = {label: outputs_differ(out / f"sub-{label}", direct / f"sub-{label}") for label in ("01", BROKEN)}
+    if any(differ.values()) and _newest_source() > sources_at_start:
+        pytest.skip(f"the package's sources were edited while this test ran, so the direct run and the jobs ran "
+                    f"different code; outputs not compared ({differ})")
+    assert differ == {"01": [], BROKEN: []}
     ref = np.asanyarray(nib.load(str(direct / "sub-01/anat/sub-01_space-T1w_desc-atlasgs_T2w.nii.gz")).dataobj)
     for label in ("02", "03"):
         img = nib.load(str(out / f"sub-{label}/anat/sub-{label}_space-T1w_desc-atlasgs_T2w.nii.gz"))
         assert np.array_equal(np.asanyarray(img.dataobj), ref)
+
+
+def test_docs_describe_the_scripts():
+    """docs/hpc.md names every file of scripts/slurm/ and every variable they read; each script parses (bash -n)."""
+    doc = (REPO / "docs" / "hpc.md").read_text()
+    scripts = sorted(SCRIPTS.iterdir())
+    assert {p.name for p in scripts} == {"atlasgs_array.sbatch", "atlasgs_group.sbatch", "submit.sh",
+                                         "rerun_indices.sh"}
+    for path in scripts:
+        assert f"`{path.name}`" in doc, path.name
+        assert os.access(path, os.X_OK), path.name
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path.name
+        text = path.read_text()
+        variables = set(re.findall(r"\$\{([A-Z][A-Z_]+)", text)) - {"SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_JOB_ID",
+                                                                     "SLURM_MEM_PER_NODE", "SLURM_CPUS_PER_TASK",
+                                                                     "SLURM_RESTART_COUNT", "TMPDIR", "BASH_SOURCE"}
+        for var in variables:
+            assert f"`{var}`" in doc, f"{path.name} reads {var}, which docs/hpc.md does not describe"
