@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 from atlasgs_bids.config import DEVICES, MODALITIES, QUALITIES, Config
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.interfaces.progress import Heartbeat
 from atlasgs_bids.preflight import check_images, check_memory, check_writable_dir, describe_os_error
 from atlasgs_bids.processes import Terminated, kill_workers, pin_native_seeds, sigterm_as_interrupt
 from atlasgs_bids.version import __version__
@@ -215,9 +216,10 @@ def setup_logging(verbose: int = 0) -> None:
     """``atlasgs`` logger to stderr (INFO, DEBUG with ``-vv``); nipype's quieter unless ``-v``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
-    LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    LOGGER.propagate = False
+    for logger in (LOGGER, logging.getLogger("atlasgs_bids")):  # the app's and the package modules' (bench) loggers
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        logger.propagate = False
     global _NIPYPE_LEVEL, _VERBOSE
     _NIPYPE_LEVEL = "INFO" if verbose else "WARNING"
     _VERBOSE = int(verbose)
@@ -255,12 +257,35 @@ def stage(name: str) -> Iterator[None]:
 
 
 class NodeTimer:
-    """Nipype ``status_callback``: one log line per finished node with its duration (runs in the main process)."""
+    """Nipype ``status_callback``: one log line per finished node with its duration (runs in the main process);
+    with ``verbose``, the stage-2 solve's conjugate-gradient iterations once a ``harmonize`` node has ended.
+    :meth:`running` names the nodes running now, for :class:`~atlasgs_bids.interfaces.progress.Heartbeat`."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", verbose: bool = False) -> None:
         self.prefix = prefix
+        self.verbose = verbose
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+
+    def running(self) -> str:
+        """``"<prefix><node> (<s> s), ..."`` of the nodes started and not ended; empty when none."""
+        now = time.perf_counter()
+        return ", ".join(f"{self.prefix}{key.split('.', 1)[-1]} ({now - t0:.0f} s)"
+                         for key, t0 in list(self.started.items()))
+
+    def _log_solver(self, node) -> None:
+        """The CG iterations of a finished ``harmonize`` node, from its appearance report (``history``)."""
+        import json
+
+        report = json.loads(Path(node.result.outputs.out_report).read_text())
+        history = [float(v) for v in report.get("history") or []]
+        if not history:
+            return
+        step = max(1, len(history) // 10)
+        shown = ", ".join(f"{i + 1}: {history[i]:.2e}" for i in range(0, len(history), step))
+        LOGGER.info("%s%s: stage 2 solved in %d CG iterations; relative residual by iteration %s%s",
+                    self.prefix, node.fullname.split(".", 1)[-1], len(history), shown,
+                    f", {len(history)}: {history[-1]:.2e}" if (len(history) - 1) % step else "")
 
     def __call__(self, node, status: str) -> None:
         key = node.fullname
@@ -276,6 +301,9 @@ class NodeTimer:
             self.seconds[key] = dt
             if status == "end":
                 LOGGER.info("%s%s: done in %.1f s", self.prefix, short, dt)
+                if self.verbose and key.rsplit(".", 1)[-1] == "harmonize":
+                    with contextlib.suppress(Exception):  # a log line must never fail the run
+                        self._log_solver(node)
             else:
                 LOGGER.error("%s%s: failed after %.1f s", self.prefix, short, dt)
 
@@ -421,11 +449,12 @@ def run_participant_level(config: Config) -> int:
                 slots = config.resources.nprocs * config.resources.omp_nthreads
                 # forkserver: workers fork from a clean server, never from this process, whose torch/OpenMP
                 # threads (started e.g. by a caller that used torch before, as a test does) would deadlock a fork
+                timer = NodeTimer(f"{si.label} ", verbose=bool(_VERBOSE))
                 plugin_args = {"n_procs": slots, "raise_insufficient": False, "mp_context": "forkserver",
-                               "status_callback": NodeTimer(f"{si.label} ")}
+                               "status_callback": timer}
                 if config.resources.mem_gb:
                     plugin_args["memory_gb"] = config.resources.mem_gb
-                with stage(f"{si.label} workflow"):
+                with stage(f"{si.label} workflow"), Heartbeat(LOGGER, timer.running):
                     wf.run(plugin="MultiProc", plugin_args=plugin_args)
                 moved = bd.commit_staging(staging, ex.output_dir)
                 bd.atomic_write_bytes(ex.log_dir / f"{si.label}_methods.txt", methods_text(wf).encode())

@@ -1,7 +1,7 @@
 """What one participant run of the tiny sample writes, checked for truth (issue 16): every NIfTI on the T1w grid
 carries the T1w's qform/sform codes and mm units; the harmonised target's sidecar claims none of the source's slice
 or grid geometry; the pybids index is reused through ``--bids-database-dir``; the group level runs from the
-derivatives alone.
+derivatives alone; with -v the stage-2 iterations are logged and a heartbeat names what is still running.
 
 One run (``sub-01`` of a two-subject copy, so that ``sub-02`` is expected but missing) serves the module.
 """
@@ -27,10 +27,18 @@ def run(tiny_sample, tmp_path_factory) -> dict[str, Path]:
     bids = copy_bids(tiny_sample.bids_dir, root / "bids", participants=("01", "02"))
     out, db = root / "out", root / "pybids-db"
     proc = run_cli(bids, out, "participant", "--participant-label", "01", "--skip-bids-validation", *BASE_FLAGS,
-                   "--bids-database-dir", db, "-w", root / "work")
+                   "--bids-database-dir", db, "-w", root / "work", "-v", env={"ATLASGS_HEARTBEAT_SECONDS": "3"})
     assert proc.returncode == 0, proc.stderr
     assert f"pybids index of {bids} saved in {db}" in proc.stderr
     return {"root": root, "bids": bids, "out": out, "db": db, "stderr": proc.stderr}
+
+
+def test_no_silent_step_and_solver_iterations_at_verbose(run):
+    """With -v the stage-2 solve's CG iterations are logged; the heartbeat (every 3 s here, 30 s on a terminal)
+    names what is still running, so no step is silent for longer."""
+    err = run["stderr"]
+    assert "T2w_wf.harmonize: stage 2 solved in " in err and "relative residual by iteration 1: " in err
+    assert "still running: sub-01 " in err
 
 
 def test_nifti_headers_match_the_t1w_grid(run):

@@ -251,3 +251,50 @@ def test_node_timer_logs_cached_nodes(caplog):
     lines = list(dict.fromkeys(r.getMessage() for r in caplog.records))  # a record may reach caplog twice
     assert lines[0] == "sub-01 T2w_wf.harmonize: cached (work dir)"
     assert lines[1].startswith("sub-01 T2w_wf.harmonize: done in ") and "-0.0" not in lines[1]
+
+
+def test_bench_prints_per_case_progress_and_heartbeat(shared_data, tmp_path, capfd, monkeypatch):
+    """``atlasgs-bids bench`` logs each case as it starts and each method as it ends (the bench's own logger is wired
+    to the console), and a long method says it is still running (heartbeat, here every 0.05 s)."""
+    import time as _time
+
+    from atlasgs_bids.bench import baselines
+
+    monkeypatch.setenv("ATLASGS_HEARTBEAT_SECONDS", "0.05")
+    slow_cubic = baselines.interpolate_cubic
+
+    def cubic(*args, **kwargs):
+        _time.sleep(0.3)
+        return slow_cubic(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "interpolate_cubic", cubic)
+    rc = cli.main(["bench", "--data", str(shared_data / "mni152-hcp"), "--factors", "3", "5", "--crop", "16",
+                   "--degradations", "gaussian", "--methods", "linear", "cubic", "--device", "cpu",
+                   "--out", str(tmp_path / "bench")])
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert "case 1/2: x3 gaussian (linear, cubic)" in err and "case 2/2: x5 gaussian" in err
+    assert "x5 gaussian: cubic PSNR" in err
+    assert "still running: x3 gaussian: cubic" in err
+
+
+def test_heartbeat_names_running_nodes(caplog):
+    """During a participant's workflow the heartbeat names the nodes still running and for how long."""
+    from types import SimpleNamespace
+
+    from atlasgs_bids.interfaces.progress import Heartbeat
+
+    timer = cli.NodeTimer("sub-01 ")
+    timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "start")
+    with caplog.at_level(logging.INFO, logger="atlasgs"):
+        cli.LOGGER.propagate = True
+        try:
+            with Heartbeat(cli.LOGGER, timer.running, interval=0.05):
+                import time as _time
+
+                _time.sleep(0.2)
+        finally:
+            cli.LOGGER.propagate = False
+    assert any(r.getMessage().startswith("still running: sub-01 T2w_wf.harmonize (") for r in caplog.records)
+    timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "end")
+    assert timer.running() == ""

@@ -38,6 +38,7 @@ import numpy as np
 from atlasgs_bids.bench import baselines, cases
 from atlasgs_bids.bench import voxel_basis as vb
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.interfaces.progress import Heartbeat
 
 LOG = logging.getLogger("atlasgs_bids.bench")
 
@@ -64,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch device")
     parser.add_argument("--crop", type=int, default=None,
                         help="central N x N in-plane column (full z) for quick runs, e.g. --crop 80")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the core")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the core (and of the registration cases)")
+    parser.add_argument("--registration", action="store_true",
+                        help="run the registration suite instead (known-truth moved targets; registration.json/.md)")
+    parser.add_argument("--cases", type=int, default=20, help="number of registration cases (with --registration)")
+    parser.add_argument("--no-psnr", dest="psnr", action="store_false",
+                        help="registration suite: skip the stage-2 PSNR of the marked cases")
     parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
                         help="scaffold geometry of the atlasgs methods (see docs/adr/0002-scaffold-geometry.md)")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="voxel-basis lambda")
@@ -213,7 +219,9 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
                       "oracle_tuned": True, "tuning_seconds": round(time.perf_counter() - t0, 2),
                       "grid": [list(t) for t in tuning.tried]}
         LOG.info("x%d %s: %s ...", case.factor, case.degradation, method)
-        with PeakMemory(device) as mem:
+        t_method = time.perf_counter()
+        with Heartbeat(LOG, lambda: f"x{case.factor} {case.degradation}: {method} "
+                                    f"({time.perf_counter() - t_method:.0f} s)"), PeakMemory(device) as mem:
             t0 = time.perf_counter()
             if method == "linear":
                 pred = baselines.interpolate_linear(case.thick, case.thick_affine, aff, shape)
@@ -358,6 +366,15 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "registration", False):
+        from atlasgs_bids.bench.registration import run_suite
+
+        if args.cases < 1:
+            raise InputError(f"--cases must be a positive integer, got {args.cases}")
+        report = run_suite(Path(args.data), out, n_cases=args.cases, seed=args.seed, psnr=args.psnr,
+                           machine=machine_info(), command=getattr(args, "command_line", None) or _command_line())
+        LOG.info("wrote %s: %s", out / "registration.md", report["summary"])
+        return 0
     subject = cases.load_subject(args.data, crop=args.crop)
     methods = list(dict.fromkeys(args.methods))
     report = {"machine": machine_info(), "device": device_label(device), "cases": []}
@@ -367,7 +384,8 @@ def run(args: argparse.Namespace) -> int:
         core = load_core()
     if core is not None and "atlasgs" in methods:
         LOG.info("fitting the T1w scaffold once (quality %s) ...", args.quality)
-        with PeakMemory(device) as mem:
+        t_fit = time.perf_counter()
+        with Heartbeat(LOG, lambda: f"T1w scaffold ({time.perf_counter() - t_fit:.0f} s)"), PeakMemory(device) as mem:
             t0 = time.perf_counter()
             scaffold = _fit_scaffold(core, subject.t1w, subject, args.quality, args.seed, device,
                                      geometry=args.geometry)
@@ -375,16 +393,16 @@ def run(args: argparse.Namespace) -> int:
         report["cases"].append(_row(None, None, "atlasgs-scaffold", args.quality, device, {}, seconds, mem,
                                     {"n_gaussians": int(scaffold.n_gaussians)}))
 
-    for factor in args.factors:
-        for degradation in args.degradations:
-            case = cases.make_case(subject, factor, degradation)
-            rows, preds = run_case(case, subject, methods, quality=args.quality, device=device, lam=args.lam,
-                                   h=args.h, core=core, scaffold=scaffold, seed=args.seed)
-            report["cases"].extend(rows)
-            if preds:
-                write_figure(out / f"bench_x{factor}_{degradation}.png", subject, preds,
-                             f"x{factor} {degradation}")
-            _write_json(out / "bench.json", report)  # partial results survive an interrupted run
+    n_cases = len(args.factors) * len(args.degradations)
+    for i, (factor, degradation) in enumerate(((f, d) for f in args.factors for d in args.degradations), start=1):
+        LOG.info("case %d/%d: x%d %s (%s)", i, n_cases, factor, degradation, ", ".join(methods))
+        case = cases.make_case(subject, factor, degradation)
+        rows, preds = run_case(case, subject, methods, quality=args.quality, device=device, lam=args.lam,
+                               h=args.h, core=core, scaffold=scaffold, seed=args.seed)
+        report["cases"].extend(rows)
+        if preds:
+            write_figure(out / f"bench_x{factor}_{degradation}.png", subject, preds, f"x{factor} {degradation}")
+        _write_json(out / "bench.json", report)  # partial results survive an interrupted run
     command = getattr(args, "command_line", None) or _command_line()
     _write_json(out / "bench.json", report)
     write_markdown(out / "bench.md", report, command)

@@ -11,9 +11,12 @@ scaffold: step 100/100 (100%) loss 0.5
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 class Progress:
@@ -52,3 +55,57 @@ class Progress:
         elif step % self.every == 0 or step >= total:
             self.stream.write(f"{self.label}: step {step}/{total} ({frac:.0%}){tail}\n")
             self.stream.flush()
+
+
+def heartbeat_interval(stream: TextIO | None = None) -> float:
+    """Seconds between :class:`Heartbeat` lines: ``$ATLASGS_HEARTBEAT_SECONDS`` when set, else 30 on a terminal
+    (no step stays silent longer) and 120 in batch logs (a line every two minutes, not a flood)."""
+    env = os.environ.get("ATLASGS_HEARTBEAT_SECONDS", "")
+    try:
+        if float(env) > 0:
+            return float(env)
+    except ValueError:
+        pass
+    stream = stream if stream is not None else sys.stderr
+    return 30.0 if bool(getattr(stream, "isatty", lambda: False)()) else 120.0
+
+
+class Heartbeat:
+    """Context manager: a daemon thread logs ``still running: <describe()>`` every ``interval`` seconds while the
+    block runs (nothing when ``describe`` returns ``None`` or an empty string), so a long step is never silent.
+
+    >>> import logging, io
+    >>> log = logging.getLogger("heartbeat-doctest"); stream = io.StringIO()
+    >>> log.addHandler(logging.StreamHandler(stream)); log.setLevel(logging.INFO); log.propagate = False
+    >>> with Heartbeat(log, lambda: "fitting", interval=0.05):
+    ...     time.sleep(0.18)
+    >>> stream.getvalue().splitlines()[0]
+    'still running: fitting'
+    """
+
+    def __init__(self, logger: logging.Logger, describe: Callable[[], str | None], *,
+                 interval: float | None = None) -> None:
+        self.logger = logger
+        self.describe = describe
+        self.interval = heartbeat_interval() if interval is None else float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                text = self.describe()
+            except Exception:  # a heartbeat must never break the run it reports on
+                continue
+            if text:
+                self.logger.info("still running: %s", text)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread = threading.Thread(target=self._run, name="atlasgs-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
