@@ -23,12 +23,17 @@ FACTOR = 4
 UNBOUNDED = dict(nonnegative=False, upper=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    before = torch.get_num_threads()
+_THREADS: list[int] = []
+
+
+def setup_module() -> None:
+    """One torch thread here (shared 2-core machines; results do not depend on it), restored afterwards."""
+    _THREADS.append(torch.get_num_threads())
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+
+def teardown_module() -> None:
+    torch.set_num_threads(_THREADS.pop())
 
 
 def _tissue(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -191,3 +196,38 @@ def test_bright_vessel_absent_from_the_t1w_is_not_turned_dark() -> None:
     # No dark rim: the rim is within 15 % of the truth there on average, and no rim voxel is below 70 % of it.
     assert abs(out[rim].mean() / t2[rim].mean() - 1.0) < 0.15
     assert (out[rim] / t2[rim]).min() > 0.7  # measured 0.80 (0.74 unbounded)
+
+
+# ------------------------------------------------------------------------------------------------ self-tuning
+def _column_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 16 x 16 x 96 column at 1 mm: tissue bands along z (so slices differ), T1-like and T2-like contrasts,
+    mask the whole column; returns t1, t2, mask, affine."""
+    shape = (16, 16, 96)
+    i, j, k = np.indices(shape).astype(float)
+    label = (np.floor((k + 3.0 * np.sin(i / 3.0) + 2.0 * np.cos(j / 4.0)) / 5.0) % 3).astype(int)
+    t1 = gaussian_filter(np.array([1.0, 0.6, 0.3])[label], 0.7) * 1000.0
+    t2 = gaussian_filter(np.array([0.4, 0.7, 1.0])[label], 0.7) * 800.0
+    return t1, t2, np.ones(shape, dtype=bool), np.eye(4)
+
+
+def test_tuning_is_nested_and_moves_the_right_way_as_noise_grows() -> None:
+    from atlasgs_bids.qc.tuning import qc_slices, tune_appearance
+
+    t1, t2, mask, affine = _column_phantom()
+    scaffold = lattice_scaffold(t1, affine, mask)
+    thick, _, acq = simulate_thick_slices(t2, affine, 3)
+    chosen = {}
+    for sigma in (2.0, 60.0):
+        noisy = np.hypot(thick + np.random.default_rng(6).normal(0, sigma, thick.shape),
+                         np.random.default_rng(7).normal(0, sigma, thick.shape)).astype(np.float32)
+        opts, record = tune_appearance(scaffold, noisy, acq, np.eye(4), AppearanceOptions(tune=True, max_iter=100))
+        assert record["chosen"] is not None, record
+        # Nested: no tuning slice lies in a slab the QC self-validation can use.
+        counts = np.full(thick.shape[2], 256)
+        first, last = record["fit_slices"]
+        assert not qc_slices(counts)[first:last + 1].any()
+        assert abs(record["noise_sigma"] / sigma - 1.0) < 0.5  # structure adds ~0.7 (units of 1000)
+        chosen[sigma] = (opts.lam, record["lam_centre"])
+    # More noise: a larger lambda (both the noise-set centre of the search and the held-out choice).
+    assert chosen[60.0][1] > chosen[2.0][1]
+    assert chosen[60.0][0] > chosen[2.0][0]

@@ -33,7 +33,7 @@ true gain -4.9 / -8.9 dB while the held-out gain stays +6.2 / +4.5 dB. Registrat
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -64,7 +64,22 @@ class HeldOutScores:
 
 
 @dataclass(frozen=True)
-class SelfValidation:
+class HeldOutRun:
+    """One held-out fit and its scores (:func:`heldout_fit`); the fields are described in :class:`SelfValidation`."""
+
+    n_fit_slices: int
+    n_scored: int
+    edge_mm: float
+    all_voxels: dict
+    atlasgs: HeldOutScores
+    cubic: HeldOutScores
+    gain_psnr_db: float
+    fit_seconds: float
+    n_gaussians: int
+
+
+@dataclass(frozen=True)
+class SelfValidation(HeldOutRun):
     """Result of :func:`self_validate`.
 
     slice_axis : the target's voxel axis across slices
@@ -86,17 +101,8 @@ class SelfValidation:
     slice_axis: int
     heldout_slices: list[int]
     fit_slices: tuple[int, int]
-    n_fit_slices: int
-    n_scored: int
-    edge_mm: float
-    all_voxels: dict
-    atlasgs: HeldOutScores
-    cubic: HeldOutScores
-    gain_psnr_db: float
     flag: bool
     seconds: float
-    fit_seconds: float
-    n_gaussians: int
     tuning: dict | None = None
 
     def to_json(self) -> dict:
@@ -261,28 +267,8 @@ def self_validate(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition
                                        qc_max_heldout=max_heldout, qc_margin=margin, device=device)
     run = heldout_fit(scaffold, vol, acquisition, target2t1w, opts, held, (first, last), eligible=eligible,
                       device=device)
-    return SelfValidation(slice_axis=axis, heldout_slices=held, fit_slices=(first, last),
-                          n_fit_slices=run.n_fit_slices, n_scored=run.n_scored, edge_mm=run.edge_mm,
-                          all_voxels=run.all_voxels, atlasgs=run.atlasgs, cubic=run.cubic,
-                          gain_psnr_db=run.gain_psnr_db, flag=bool(run.gain_psnr_db <= 0.0),
-                          seconds=time.perf_counter() - t0, fit_seconds=run.fit_seconds,
-                          n_gaussians=run.n_gaussians, tuning=tuning)
-
-
-@dataclass(frozen=True)
-class HeldOutRun:
-    """One held-out fit and its scores (:func:`heldout_fit`); fields as in :class:`SelfValidation`."""
-
-    n_fit_slices: int
-    n_scored: int
-    edge_mm: float
-    all_voxels: dict
-    atlasgs: HeldOutScores
-    cubic: HeldOutScores
-    gain_psnr_db: float
-    fit_seconds: float
-    n_gaussians: int
-    appearance: object
+    return SelfValidation(**{f.name: getattr(run, f.name) for f in fields(run)}, slice_axis=axis, heldout_slices=held, fit_slices=(first, last),
+                          flag=bool(run.gain_psnr_db <= 0.0), seconds=time.perf_counter() - t0, tuning=tuning)
 
 
 def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
@@ -344,7 +330,7 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
                   "n": int(len(heldout))}
     return HeldOutRun(n_fit_slices=int((in_slab & ~is_held).sum()), n_scored=int(inner.sum()), edge_mm=edge_mm,
                       all_voxels=everything, atlasgs=a, cubic=c, gain_psnr_db=float(a.psnr - c.psnr),
-                      fit_seconds=fit_s, n_gaussians=sub.n_gaussians, appearance=appearance)
+                      fit_seconds=fit_s, n_gaussians=sub.n_gaussians)
 
 
 def _region_scaffold(scaffold: Scaffold, vox2t1w: np.ndarray, region: np.ndarray, axis: int) -> Scaffold:

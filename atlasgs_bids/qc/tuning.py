@@ -41,7 +41,7 @@ FLOOR_GRID = (0.0, 0.01, 0.03)
 #: Multiples of lam_c tried (at the best floor); 1 is tried with the floors.
 LAM_FACTORS = (1.0 / 3.0, 3.0)
 #: Held-out slices of the tuning slab, their spacing, and kept slices beyond the outermost ones.
-TUNE_HELDOUT, TUNE_EVERY, TUNE_MARGIN = 2, 3, 1
+TUNE_HELDOUT, TUNE_EVERY, TUNE_MARGIN = 2, 2, 1
 #: In-plane side (mm) of the tuning box.
 BOX_MM = 80.0
 
@@ -64,8 +64,8 @@ def tuning_slab(counts: np.ndarray, excluded: np.ndarray, *, n_heldout: int = TU
 
     Among the admissible positions the slab with the most brain voxels is taken (ties: the lowest index).
 
-    >>> tuning_slab(np.array([0, 9, 9, 9, 9, 9, 9, 9, 0, 0]), np.zeros(10, dtype=bool))
-    ([2, 5], (1, 6))
+    >>> tuning_slab(np.array([0, 5, 9, 9, 9, 9, 9, 9, 0, 0]), np.zeros(10, dtype=bool))
+    ([3, 5], (2, 6))
     """
     counts = np.asarray(counts)
     length = (n_heldout - 1) * every + 1 + 2 * margin
