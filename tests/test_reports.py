@@ -4,6 +4,7 @@ outliers, missing/failed participants, headless Chromium, and the app end to end
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 import shutil
@@ -150,7 +151,7 @@ def test_subject_report_from_hand_made_qc(synthetic_subject):
     # the flag is shown loudly, the held-out scores of both methods and the registration NCC are there
     assert "class='flag'" in text and "selfval_not_better_than_cubic" in text
     assert "30.100" in text and "31.000" in text and "0.910" in text
-    assert "total seconds" in text and "cpu" in text
+    assert "<td>total</td>" in text and "cpu" in text
 
 
 def test_subject_report_without_flags_is_quiet(synthetic_subject):
@@ -348,3 +349,34 @@ def test_participant_wf_wires_the_report(tiny_sample, tmp_path):
     assert {v for _, v in sources} >= {"t1w_preproc", "brain_mask", "target_refs", "xfms", "harmonized", "sidecars",
                                        "qc_jsons", "residuals"}
     assert init_participant_wf(subject_inputs=si, config=config).get_node("subject_report") is None
+
+
+def test_subject_report_shows_every_parameter_with_labels(synthetic_subject):
+    """The full Parameters of the sidecar (acquisition, appearance, registration, source geometry) as labelled
+    tables, runtime keys as words, the docs named; the mosaic is large (>= 1000 px wide) with orientation letters."""
+    from atlasgs_bids.bids import derivatives as bd
+
+    out, p = synthetic_subject
+    sidecar = {"Parameters": {"quality": "fast", "seed": 0, "modality": "T2w",
+                              "acquisition": {"slice_axis": 2, "slice_thickness_mm": 3.0, "profile": "gaussian"},
+                              "appearance_options": {"lam": 0.05, "max_iter": 300},
+                              "registration": {"metric": "mattes", "shrink_factors": [4, 2, 1]},
+                              "source_geometry": {"SpacingBetweenSlices": 3.0}},
+               "Runtime": {"registration_seconds": 2.0, "appearance_seconds": 5.0, "appearance_seconds_build": 3.0,
+                           "render_seconds": 1.0, "total_seconds": 8.0}, "Device": "cpu"}
+    bd.atomic_write_json(p["sidecar"], sidecar)
+    drawn = rs.report_target(out, target_file=p["target"], modality="T2w", t1w_file=p["t1w"], mask_file=p["mask"],
+                             harmonized_file=p["harmonized"], xfm_file=p["xfm"], qc=hand_made_qc(),
+                             residual_file=p["residual"])
+    text = rs.write_subject_html(out, "01").read_text()
+    for heading in rs.PARAMETER_SECTIONS.values():
+        assert html.escape(heading, quote=True) in text, heading
+    for label in ("slice thickness used (mm)", "max iter", "shrink factors", "4, 2, 1", "Spacing Between Slices",
+                  "rigid registration (ANTs)", "of which: building the forward model", "render on the T1w grid"):
+        assert label in text, label
+    assert "registration_seconds" not in text and "<pre>" not in text
+    assert "docs/qc.md" in text and "docs/usage.md" in text
+    from PIL import Image
+
+    with Image.open(out / drawn["mosaic"]) as im:
+        assert im.width >= 1000, im.size

@@ -163,8 +163,9 @@ def _crop_box(mask: np.ndarray | None, axis: int, shape: Sequence[int], margin: 
 
 
 def compare_mosaic_png(rows: dict[str, np.ndarray], axis: int, zooms: Sequence[float],
-                       mask: np.ndarray | None = None, *, n: int = 6, window_from: str | None = None) -> bytes:
-    """A mosaic: one row per named volume, ``n`` cuts along ``axis``, all with the same display window.
+                       mask: np.ndarray | None = None, *, n: int = 5, window_from: str | None = None) -> bytes:
+    """A mosaic: one row per named volume, ``n`` cuts along ``axis``, all with the same display window, each cut
+    about 2.5 inches wide at 100 dpi (250 px), with orientation letters (R/L, A/P, S/I) on every cut.
 
     Parameters
     ----------
@@ -185,7 +186,7 @@ def compare_mosaic_png(rows: dict[str, np.ndarray], axis: int, zooms: Sequence[f
     shape = ref.shape
     idx = mosaic_indices(mask, shape, axis, n)
     rs, cs = _crop_box(mask, axis, shape)
-    fig, axes = plt.subplots(len(names), len(idx), figsize=(1.75 * len(idx), 1.9 * len(names) + 0.2),
+    fig, axes = plt.subplots(len(names), len(idx), figsize=(2.5 * len(idx), 2.7 * len(names) + 0.3),
                              facecolor="black", squeeze=False)
     for r, name in enumerate(names):
         for c, k in enumerate(idx):
@@ -196,12 +197,13 @@ def compare_mosaic_png(rows: dict[str, np.ndarray], axis: int, zooms: Sequence[f
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(False)
+            _orient_labels(ax, axis)
             if r == 0:
-                ax.set_title(f"{_PLANE[axis]} {k}", color="white", fontsize=8)
+                ax.set_title(f"{_PLANE[axis]} {k} ({k * float(zooms[axis]):.0f} mm)", color="white", fontsize=10)
             if c == 0:
-                ax.set_ylabel(name, color="white", fontsize=10)
+                ax.set_ylabel(name, color="white", fontsize=12)
     fig.subplots_adjust(wspace=0.03, hspace=0.08)
-    return _png(fig)
+    return _png(fig, dpi=100)
 
 
 def residual_mosaic_png(residual: np.ndarray, slice_axis: int, zooms: Sequence[float], *, n: int = 8,

@@ -12,6 +12,7 @@ import html
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,7 @@ def load_methods(roots: Sequence[str | os.PathLike], subject: str) -> dict[str |
 # ------------------------------------------------------------------------------------------------------------ HTML
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-main{max-width:1180px;margin:0 auto;padding:16px 24px 40px;background:#fff}
+main{max-width:1400px;margin:0 auto;padding:16px 24px 40px;background:#fff}
 h1{font-size:1.6em;margin:.3em 0}h2{border-bottom:2px solid #d0d7de;padding-bottom:4px;margin-top:1.6em}
 h3{margin:1.4em 0 .4em;font-size:1.15em}h4{margin:1em 0 .3em;font-size:1em;color:#444}
 table{border-collapse:collapse;margin:.4em 0;font-size:.92em}
@@ -227,7 +228,8 @@ margin:.5em 0}.better{color:#116329;font-weight:600}.worse{color:#d1242f;font-we
 .bad{background:#ffebe9;color:#82071e;font-weight:600}
 figure{margin:.6em 0 1.2em}figure img{max-width:100%;border:1px solid #d0d7de}
 figcaption{font-size:.88em;color:#57606a;margin-top:3px;max-width:1000px}
-.grid{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}.grid>div{max-width:380px}
+.grid{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}.grid>div{max-width:420px}
+.params{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}.params td:last-child{font-family:monospace}
 .muted{color:#57606a;font-size:.9em}
 nav a{margin-right:10px}pre{white-space:pre-wrap;background:#f6f8fa;padding:8px;font-size:.85em}
 .methods{background:#f6f8fa;padding:10px 14px;border-left:4px solid #8c959f;font-size:.93em}
@@ -279,6 +281,7 @@ def _scores_table(sv: dict[str, Any]) -> str:
 
 def _registration_table(reg: dict[str, Any]) -> str:
     ncc, fail, warn = reg.get("ncc"), reg.get("fail_threshold_ncc"), reg.get("warn_threshold_ncc")
+    ref, stab = reg.get("refinement") or {}, reg.get("stability") or {}
     cls = "bad" if isinstance(ncc, (int, float)) and isinstance(warn, (int, float)) and ncc < warn else ""
     return ("<table><tr><th>registration</th><th>value</th></tr>"
             f"<tr><td title='{_e(reg.get('ncc_definition', ''))}'>NCC with the T1w</td>"
@@ -286,17 +289,88 @@ def _registration_table(reg: dict[str, Any]) -> str:
             + (f"<tr><td>intensity NCC</td><td>{_num(reg['intensity_ncc'])}</td></tr>"
                if reg.get("intensity_ncc") is not None else "") +
             f"<tr><td>brain-mask Dice</td><td>{_num(reg.get('mask_dice'))}</td></tr>"
-            f"<tr><td>Mattes mutual information</td><td>{_num(reg.get('mattes_mi'))}</td></tr>"
+            f"<tr><td>Mattes mutual information (at its start)</td><td>{_num(reg.get('mattes_mi'))} "
+            f"({_num(reg.get('mattes_mi_initial'))})</td></tr>"
+            + (f"<tr><td>slice-aware refinement: moved (mm), misfit before &rarr; after</td>"
+               f"<td>{_num(ref.get('moved_mm'), 2)}, {_num(ref.get('misfit_before'))} &rarr; "
+               f"{_num(ref.get('misfit_after'))}{'' if reg.get('refined') else ' (not kept)'}</td></tr>"
+               if ref else "")
+            + (f"<tr><td>restart spread (mm; flagged above {_num(stab.get('warn_threshold_mm'), 1)})</td>"
+               f"<td class='{'bad' if stab.get('flag') else ''}'>{_num(stab.get('spread_mm'), 2)}</td></tr>"
+               if stab else "") +
             f"<tr><td>NCC warn / fail below</td><td>{_num(warn, 2)} / {_num(fail, 2)}</td></tr>"
             f"<tr><td>seconds</td><td>{_num(reg.get('seconds'), 1)}</td></tr></table>"
             + (f"<p class='muted'>NCC: {_e(reg['ncc_definition'])}.</p>" if reg.get("ncc_definition") else ""))
 
 
+#: Where the report's terms are explained: the project's docs/ folder, named as text (the page makes no network
+#: reference, so that it opens the same on an air-gapped cluster).
+DOCS_URL = "github.com/atlasgs/atlasgs-bids/blob/main/docs/"
+
+
+def doc_ref(page: str, anchor: str = "") -> str:
+    """``docs/<page>`` in monospace with its full address as a tooltip (text, not a link: no network reference)."""
+    return f"<code title='{_e(DOCS_URL + page + ('#' + anchor if anchor else ''))}'>docs/{_e(page)}</code>"
+#: Human labels of the sidecar's ``Runtime`` keys, in the order shown.
+RUNTIME_LABELS: dict[str, str] = {
+    "registration_seconds": "rigid registration (ANTs)",
+    "qc_registration_seconds": "registration QC",
+    "appearance_seconds": "stage-2 appearance fit",
+    "appearance_seconds_build": "of which: building the forward model",
+    "appearance_residual_seconds": "residual map",
+    "render_seconds": "render on the T1w grid",
+    "qc_selfval_seconds": "held-out-slice self-validation",
+    "total_seconds": "total",
+}
+#: Sections of the sidecar's ``Parameters`` shown as tables: key -> heading.
+PARAMETER_SECTIONS: dict[str, str] = {
+    "acquisition": "Acquisition model (the target's slice profile as fitted)",
+    "appearance_options": "Stage-2 appearance fit",
+    "registration": "Rigid registration",
+    "source_geometry": "Source geometry (the input's, not the output's)",
+}
+_PARAM_LABELS = {"quality": "quality preset", "seed": "random seed", "SliceThickness": "slice thickness from the "
+                 "sidecar (mm)", "modality": "modality", "slice_axis": "slice axis (voxel axis of the target)",
+                 "slice_spacing_mm": "slice spacing (mm)", "slice_thickness_mm": "slice thickness used (mm)",
+                 "slice_thickness_source": "thickness taken from", "profile": "slice profile"}
+
+
+def _label(key: str) -> str:
+    """A readable label: a known one, else the key with spaces (``max_iter`` -> ``max iter``)."""
+    return _PARAM_LABELS.get(key) or RUNTIME_LABELS.get(key) or re.sub(r"(?<=[a-z])(?=[A-Z])", " ",
+                                                                        key.replace("_", " "))
+
+
+def _value(x: Any) -> str:
+    if isinstance(x, (list, tuple)):
+        return _e(", ".join(str(v) for v in x))
+    if isinstance(x, dict):
+        return _e(json.dumps(x, default=str))
+    return _num(x, 4) if isinstance(x, (float, np.floating)) else _e(x)
+
+
+def parameters_html(params: dict[str, Any]) -> str:
+    """Every run parameter of a target as labelled tables: the run's own (quality, seed, ...), then one table per
+    :data:`PARAMETER_SECTIONS` entry present; anything else under its own key."""
+    top = {k: v for k, v in params.items() if not isinstance(v, dict)}
+    tables = []
+    if top:
+        tables.append("<div><h4>Run</h4><table>" + "".join(
+            f"<tr><td>{_e(_label(k))}</td><td>{_value(v)}</td></tr>" for k, v in top.items()) + "</table></div>")
+    sections = [k for k in PARAMETER_SECTIONS if isinstance(params.get(k), dict)]
+    sections += [k for k, v in params.items() if isinstance(v, dict) and k not in PARAMETER_SECTIONS]
+    for key in sections:
+        rows = "".join(f"<tr><td>{_e(_label(k))}</td><td>{_value(v)}</td></tr>" for k, v in params[key].items())
+        tables.append(f"<div><h4>{_e(PARAMETER_SECTIONS.get(key, _label(key)))}</h4><table>{rows}</table></div>")
+    return "<div class='params'>" + "".join(tables) + "</div>"
+
+
 def _runtime_table(entry: TargetEntry) -> str:
     rt = entry.sidecar.get("Runtime") or {}
     fit = entry.qc.get("fit") or {}
-    rows = [f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_num(v, 1)}</td></tr>" for k, v in rt.items()
-            if isinstance(v, (int, float))]
+    order = [k for k in RUNTIME_LABELS if k in rt] + [k for k in rt if k not in RUNTIME_LABELS]
+    rows = [f"<tr><td>{_e(_label(k).removesuffix(' seconds'))}</td><td>{_num(rt[k], 1)}</td></tr>" for k in order
+            if isinstance(rt[k], (int, float))]
     extra = [("Gaussians", fit.get("n_gaussians")), ("solver iterations", fit.get("iterations")),
              ("relative residual", fit.get("relative_residual"))]
     rows += [f"<tr><td>{k}</td><td>{_num(v, 4)}</td></tr>" for k, v in extra if v is not None]
@@ -338,9 +412,10 @@ def _target_section(entry: TargetEntry) -> str:
         if kind in entry.figures:
             parts.append(f"<figure><img src='{_e(entry.figures[kind])}' alt='{_e(kind)} of {_e(entry.stem)}'>"
                          f"<figcaption>{_e(CAPTIONS[kind])}</figcaption></figure>")
-    params = entry.qc.get("parameters") or entry.sidecar.get("Parameters") or {}
-    parts.append("<details><summary>Parameters</summary><pre>" + _e(json.dumps(params, indent=2, default=str))
-                 + "</pre></details></section>")
+    # the sidecar's Parameters are the full set (acquisition, appearance, registration); the QC record's are a few
+    params = {**(entry.qc.get("parameters") or {}), **(entry.sidecar.get("Parameters") or {})}
+    parts.append(f"<h4>Parameters <span class='muted'>(the sidecar's keys: {doc_ref('usage.md', 'outputs')})"
+                 "</span></h4>" + parameters_html(params) + "</section>")
     return "".join(parts)
 
 
@@ -362,7 +437,8 @@ def render_subject_html(subject: str, entries: Sequence[TargetEntry], methods: d
     body = [f"<h1>atlasgs-bids report: sub-{_e(subject)}</h1>",
             f"<p class='muted'>Generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
             f"{' by atlasgs-bids ' + _e(version) if version else ''}. What each figure and number means: "
-            "docs/qc.md of atlasgs-bids.</p>",
+            f"{doc_ref('qc.md')}; the outputs and their sidecars: {doc_ref('usage.md', 'outputs')}; errors and what "
+            f"to do: {doc_ref('troubleshooting.md')} (in the atlasgs-bids repository, {_e(DOCS_URL)}).</p>",
             "<h2>Summary</h2>", "".join(summary) if entries else "<div class='flag'>No harmonised target found.</div>"]
     for ses in sessions:
         if len(sessions) > 1 or ses:
