@@ -260,9 +260,57 @@ def convergence_svg(history: Sequence[float], *, ylabel: str = "relative residua
     return _svg(fig)
 
 
+#: Above this many values a group metric is drawn as a histogram (every point would be a blot, and a 10,000-point SVG
+#: per metric makes the page slow to open).
+MAX_STRIP_POINTS = 300
+#: At most this many outliers are labelled in a strip plot (the table lists all of them).
+MAX_LABELS = 12
+
+
+def _group_axes(values: Sequence[float | None], outlier: Sequence[bool], band: tuple[float, float] | None, *,
+                vertical: bool):
+    """``(values, finite, outlier & finite, fig, ax)`` of a group plot, the inlier band shaded (a vertical span for
+    a histogram, a horizontal one for a strip plot) when there are values."""
+    v = np.array([np.nan if x is None else float(x) for x in values], dtype=float)
+    ok = np.isfinite(v)
+    out = np.asarray(outlier, dtype=bool) & ok
+    fig, ax = plt.subplots(figsize=(3.4, 2.7))
+    if ok.any() and band is not None and all(np.isfinite(band)):
+        (ax.axvspan if vertical else ax.axhspan)(band[0], band[1], color="#2da44e", alpha=0.10, lw=0)
+    return v, ok, out, fig, ax
+
+
+def histogram_svg(values: Sequence[float | None], outlier: Sequence[bool], *, metric: str,
+                  band: tuple[float, float] | None = None, bins: int = 40) -> str:
+    """One metric over a large group: a histogram of the inliers (grey) and the outliers (red, stacked), the robust
+    inlier band shaded, the counts in the title."""
+    v, ok, out, fig, ax = _group_axes(values, outlier, band, vertical=True)
+    if ok.any():
+        edges = np.histogram_bin_edges(v[ok], bins=bins)
+        ax.hist([v[ok & ~out], v[out]], bins=edges, stacked=True, color=["#6e7781", "#d1242f"])
+        ax.set_ylabel("targets", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{metric} (n={int(ok.sum())}, {int(out.sum())} outliers)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def group_plot_svg(values: Sequence[float | None], outlier: Sequence[bool], labels: Sequence[str], *, metric: str,
+                   band: tuple[float, float] | None = None) -> str:
+    """:func:`strip_plot_svg` up to :data:`MAX_STRIP_POINTS` values, :func:`histogram_svg` above."""
+    n = sum(1 for x in values if x is not None and np.isfinite(float(x)))
+    if n > MAX_STRIP_POINTS:
+        return histogram_svg(values, outlier, metric=metric, band=band)
+    return strip_plot_svg(values, outlier, labels, metric=metric, band=band)
+
+
 def strip_plot_svg(values: Sequence[float | None], outlier: Sequence[bool], labels: Sequence[str], *, metric: str,
                    band: tuple[float, float] | None = None) -> str:
-    """One metric over the group: a box plot, every value as a jittered point, outliers in red and labelled.
+    """One metric over the group: a box plot, every value as a jittered point, outliers in red and labelled (the
+    :data:`MAX_LABELS` farthest from the median).
 
     Parameters
     ----------
@@ -272,19 +320,15 @@ def strip_plot_svg(values: Sequence[float | None], outlier: Sequence[bool], labe
     band : (low, high), optional
         The robust inlier band (median -/+ k MAD) drawn as a shaded span.
     """
-    v = np.array([np.nan if x is None else float(x) for x in values], dtype=float)
-    ok = np.isfinite(v)
-    out = np.asarray(outlier, dtype=bool) & ok
-    fig, ax = plt.subplots(figsize=(3.4, 2.7))
+    v, ok, out, fig, ax = _group_axes(values, outlier, band, vertical=False)
     if ok.any():
-        if band is not None and all(np.isfinite(band)):
-            ax.axhspan(band[0], band[1], color="#2da44e", alpha=0.10, lw=0)
         ax.boxplot(v[ok], positions=[0], widths=0.5, showfliers=False, medianprops={"color": "#1f6feb"})
         rng = np.random.default_rng(0)
         x = rng.uniform(-0.18, 0.18, size=v.size)
         ax.scatter(x[ok & ~out], v[ok & ~out], s=14, color="#444", alpha=0.8, zorder=3)
         ax.scatter(x[out], v[out], s=26, color="#d1242f", zorder=4)
-        for xi, yi, lab in zip(x[out], v[out], np.asarray(labels, dtype=object)[out]):
+        far = np.argsort(-np.abs(v[out] - np.median(v[ok])))[:MAX_LABELS]
+        for xi, yi, lab in zip(x[out][far], v[out][far], np.asarray(labels, dtype=object)[out][far]):
             ax.annotate(str(lab), (xi, yi), xytext=(6, 0), textcoords="offset points", fontsize=7, color="#d1242f",
                         va="center")
     else:

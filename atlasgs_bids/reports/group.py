@@ -101,7 +101,43 @@ th{background:#f0f3f6;position:sticky;top:0}td:first-child,th:first-child{text-a
 .bad{background:#ffebe9;color:#82071e;font-weight:600}.failed{background:#ffebe9}.missing{background:#fff8c5}
 .plots{display:flex;flex-wrap:wrap;gap:10px}.plots figure{margin:0}.plots svg{width:300px;height:auto}
 .muted{color:#57606a;font-size:.9em}.counts span{margin-right:16px;font-weight:600}
+th.sort{cursor:pointer;user-select:none}th.sort:after{content:" \\2195";color:#8c959f}
+.tools{margin:.5em 0;display:flex;gap:16px;align-items:center}.tools input[type=search]{width:22em;padding:3px 6px}
 """
+#: Sorting and filtering of the targets table, inline (the page makes no network reference). Filter text: every
+#: word must appear in the row; ``#filter=<text>`` and ``#flagged`` in the address preset them.
+SCRIPT = """
+(function(){
+var table=document.getElementById('targets'),body=table.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+var box=document.getElementById('filter'),only=document.getElementById('only-flagged'),shown=document.getElementById('shown');
+function apply(){var words=box.value.toLowerCase().split(/\\s+/).filter(Boolean),n=0;
+ rows.forEach(function(r){var t=r.getAttribute('data-text'),ok=(!only.checked||r.getAttribute('data-flagged')==='1')
+  &&words.every(function(w){return t.indexOf(w)>=0;});r.style.display=ok?'':'none';if(ok)n++;});
+ shown.textContent=n+' of '+rows.length+' rows shown';}
+function key(r,i){var c=r.cells[i],v=c?c.getAttribute('data-v'):null;
+ if(v===null||v===''){var t=c?c.textContent:'';return [2,t];}var f=parseFloat(v);return isNaN(f)?[1,v]:[0,f];}
+Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,i){th.className='sort';var asc=true;
+ th.addEventListener('click',function(){rows.sort(function(a,b){var x=key(a,i),y=key(b,i);
+  if(x[0]!==y[0])return x[0]-y[0];return (x[1]<y[1]?-1:x[1]>y[1]?1:0)*(asc?1:-1);});
+  rows.forEach(function(r){body.appendChild(r);});asc=!asc;});});
+var h=decodeURIComponent(location.hash.slice(1));
+h.split('&').forEach(function(p){if(p.indexOf('filter=')===0)box.value=p.slice(7);if(p==='flagged')only.checked=true;});
+box.addEventListener('input',apply);only.addEventListener('change',apply);apply();
+})();
+"""
+#: Above this many failed or missing participants their table starts folded (the counts say how many).
+FOLD_ROWS = 50
+
+
+def row_order(row: dict[str, Any]) -> int:
+    """Sort key of the table: failed, missing, flagged or outlier targets, then the rest (stable within)."""
+    status = row.get("status")
+    if status == "failed":
+        return 0
+    if status == "missing":
+        return 1
+    flagged = row.get("qc_flags") not in (None, "", "n/a") or row.get("outliers") not in (None, "", "n/a")
+    return 2 if flagged else 3
 _SHORT = {"registration_ncc": "reg NCC", "registration_mask_dice": "reg Dice", "heldout_psnr": "held-out PSNR",
           "heldout_ncc": "held-out NCC", "heldout_mae": "held-out MAE", "heldout_cubic_psnr": "cubic PSNR",
           "heldout_gain_db": "gain (dB)", "relative_residual": "rel. residual", "runtime_seconds": "runtime (s)"}
@@ -116,6 +152,12 @@ def _cell(x: Any) -> str:
     if f is None:
         return _e("n/a" if x in (None, "") else x)
     return f"{f:.3f}" if abs(f) < 1e4 else f"{f:.3g}"
+
+
+def _sort_value(x: Any) -> str:
+    """The value a table column sorts by: the number in full precision, else empty (sorted last)."""
+    f = _float(x)
+    return "" if f is None else repr(f)
 
 
 def _n(count: int, noun: str) -> str:
@@ -151,13 +193,15 @@ def render_group_html(rows: Sequence[dict[str, Any]], bands: dict[tuple[str, str
             f"<span class='{'bad' if flagged else ''}'>{_n(len(flagged), 'target')} with QC flags</span>"
             f"<span class='{'bad' if outl else ''}'>{_n(len(outl), 'target')} with outliers</span></p>"]
     if failed or missing:
-        body.append("<h2>Failed or missing participants</h2><table><tr><th>participant</th><th>session</th>"
-                    "<th>status</th><th>error</th></tr>")
+        n_bad = len(failed) + len(missing)
+        body.append(f"<h2>Failed or missing participants</h2><details{'' if n_bad > FOLD_ROWS else ' open'}>"
+                    f"<summary>{len(failed)} failed, {len(missing)} missing</summary><table><tr><th>participant</th>"
+                    "<th>session</th><th>status</th><th>error</th></tr>")
         for r in [*failed, *missing]:
             body.append(f"<tr class='{_e(r['status'])}'><td>{_e(r['participant_id'])}</td>"
                         f"<td>{_e(r.get('session_id', 'n/a'))}</td><td>{_e(r['status'])}</td>"
                         f"<td>{_e(r.get('error') or '')}</td></tr>")
-        body.append("</table>")
+        body.append("</table></details>")
     body.append("<h2>Distributions</h2>")
     for modality in sorted({str(r.get("modality")) for r in ok}):
         group = [r for r in ok if str(r.get("modality")) == modality]
@@ -168,27 +212,38 @@ def render_group_html(rows: Sequence[dict[str, Any]], bands: dict[tuple[str, str
                 continue
             labels = [f"{r['participant_id']}" + (f" {r['session_id']}" if r.get("session_id") not in (None, "n/a")
                                                   else "") for r in group]
-            svg = fg.strip_plot_svg(vals, [bool(r.get(f"outlier_{metric}")) for r in group], labels,
+            svg = fg.group_plot_svg(vals, [bool(r.get(f"outlier_{metric}")) for r in group], labels,
                                     metric=_SHORT.get(metric, metric), band=bands.get((modality, metric)))
             plots.append(f"<figure>{_inline_svg(svg)}</figure>")
         body.append(f"<h3>{_e(modality)} ({_n(len(group), 'target')})</h3><div class='plots'>{''.join(plots)}</div>")
     cols = [m for m in _SHORT if any(m in r for r in ok)]
-    body.append("<h2>Targets</h2><div class='scroll'><table><tr><th>participant</th><th>session</th><th>target</th><th>status</th>"
-                + "".join(f"<th>{_e(_SHORT[c])}</th>" for c in cols) + "<th>QC flags</th><th>outliers</th></tr>")
-    for r in rows:
+    body.append("<h2>Targets</h2><p class='muted'>Failed and missing participants first, then targets with QC flags "
+                "or outliers, then the rest. Click a column to sort; the filter keeps rows holding every word typed "
+                "(a participant, a modality, a flag).</p><div class='tools'><input type='search' id='filter' "
+                "placeholder='filter, e.g. sub-0042 or FLAIR' aria-label='filter the table'><label><input "
+                "type='checkbox' id='only-flagged'> flagged, outliers, failed or missing only</label>"
+                "<span id='shown' class='muted'></span></div>")
+    body.append("<div class='scroll'><table id='targets'><thead><tr><th>participant</th><th>session</th>"
+                "<th>target</th><th>status</th>" + "".join(f"<th>{_e(_SHORT[c])}</th>" for c in cols)
+                + "<th>QC flags</th><th>outliers</th></tr></thead><tbody>")
+    for r in sorted(rows, key=row_order):
         pid = r["participant_id"]
         link = f"<a href='{_e(pid)}.html'>{_e(pid)}</a>" if pid in report_exists else _e(pid)
-        cells = "".join(f"<td class='{'bad' if r.get(f'outlier_{c}') else ''}'>{_cell(r.get(c))}</td>" for c in cols)
+        cells = "".join(f"<td class='{'bad' if r.get(f'outlier_{c}') else ''}' data-v='{_e(_sort_value(r.get(c)))}'>"
+                        f"{_cell(r.get(c))}</td>" for c in cols)
         flags = r.get("qc_flags") if r.get("qc_flags") not in (None, "") else "n/a"
         status_cls = "bad" if r.get("status") != "ok" else ""
         target = r.get("target") or "n/a"
         target = Path(target).name if target != "n/a" else target
-        body.append(f"<tr><td>{link}</td><td>{_e(r.get('session_id', 'n/a'))}</td><td class='name'>{_e(target)}</td>"
+        outliers = ", ".join(_SHORT.get(m, m) for m in str(r.get("outliers", "n/a")).split(";"))
+        text = " ".join(str(x) for x in (pid, r.get("session_id", ""), target, r.get("modality", ""), r.get("status"),
+                                         flags, outliers, r.get("error", "")))
+        body.append(f"<tr data-flagged='{int(row_order(r) < 3)}' data-text='{_e(text.lower())}'><td>{link}</td>"
+                    f"<td>{_e(r.get('session_id', 'n/a'))}</td><td class='name'>{_e(target)}</td>"
                     f"<td class='{status_cls}'>{_e(r.get('status'))}</td>{cells}"
                     f"<td class='{'bad' if flags != 'n/a' else ''}'>{_e(flags)}</td>"
-                    f"<td class='{'bad' if r.get('outliers') not in (None, 'n/a') else ''}'>"
-                    f"{_e(', '.join(_SHORT.get(m, m) for m in str(r.get('outliers', 'n/a')).split(';')))}</td></tr>")
-    body.append("</table></div>")
+                    f"<td class='{'bad' if r.get('outliers') not in (None, 'n/a') else ''}'>{_e(outliers)}</td></tr>")
+    body.append(f"</tbody></table></div><script>{SCRIPT}</script>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>atlasgs-bids group QC</title>"
             f"<style>{CSS}</style></head><body><main>" + "".join(body) + "</main></body></html>\n")
 
