@@ -17,7 +17,7 @@ import time
 import traceback
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from atlasgs_bids.config import DEVICES, MODALITIES, QUALITIES, Config
 from atlasgs_bids.errors import InputError
@@ -25,6 +25,9 @@ from atlasgs_bids.interfaces.progress import Heartbeat
 from atlasgs_bids.preflight import check_images, check_memory, check_writable_dir, describe_os_error
 from atlasgs_bids.processes import Terminated, kill_workers, pin_native_seeds, sigterm_as_interrupt
 from atlasgs_bids.version import __version__
+
+if TYPE_CHECKING:
+    from atlasgs_bids.bids.layout import SubjectInputs
 
 LOGGER = logging.getLogger("atlasgs")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -273,7 +276,7 @@ class NodeTimer:
         return ", ".join(f"{self.prefix}{key.split('.', 1)[-1]} ({now - t0:.0f} s)"
                          for key, t0 in list(self.started.items()))
 
-    def _log_solver(self, node) -> None:
+    def _log_solver(self, node: Any) -> None:
         """The CG iterations of a finished ``harmonize`` node, from its appearance report (``history``)."""
         import json
 
@@ -352,7 +355,8 @@ def root_cause(exc: BaseException) -> tuple[str, bool]:
     return f"{short}: {message}", short == "InputError"
 
 
-def _check_participant_images(config: Config, inputs: list) -> tuple[list, list[tuple[str, bool]]]:
+def _check_participant_images(config: Config, inputs: list[SubjectInputs],
+                              ) -> tuple[list[SubjectInputs], list[tuple[str, bool]]]:
     """Read every participant's images up front (:func:`check_images`), before any workflow is built. A participant
     with a bad image is left out: one console line naming the file, its ``logs/<label>_status.json`` marks it
     failed (input error, the traceback kept there). Returns the participants left and ``[(label, True)]`` failures."""

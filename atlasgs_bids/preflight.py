@@ -8,9 +8,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atlasgs_bids.config import Config, estimate_peak_memory_gb
 from atlasgs_bids.errors import InputError
+
+if TYPE_CHECKING:
+    from atlasgs_bids.bids.layout import SubjectInputs
 
 LOGGER = logging.getLogger("atlasgs")
 
@@ -59,7 +63,7 @@ def check_memory(inputs, config: Config) -> float:
     return worst
 
 
-def check_images(subject_inputs) -> None:
+def check_images(subject_inputs: SubjectInputs) -> None:
     """Read every image of one participant in full and check it (:func:`atlasgs_bids.imaging.nifti.load_nifti`:
     readable, not truncated, 3D or 4D, more than one slice per axis, finite, not all zero, a sane affine, qform and
     sform agreeing), the T1w, each target and a precomputed mask, so that a bad file is refused before its workflow
