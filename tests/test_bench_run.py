@@ -94,3 +94,35 @@ def test_core_methods_run_when_core_present(shared_data):
     assert rows[1]["params"]["n_gaussians"] == scaffold.n_gaussians
     assert "scaffold_seconds" in rows[2]["params"]
     assert all(p.shape == subject.shape and np.isfinite(p).all() for p in preds.values())
+
+
+def test_bench_noise_adds_seeded_rician_cases_beside_the_noiseless_one(shared_data, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--data", str(shared_data / "mni152-hcp"), "--factors", "3", "--crop", "24", "--device", "cpu",
+            "--degradations", "gaussian", "--methods", "cubic", "--noise", "15", "30", "--out", str(out)]
+    assert run.main(argv) == 0
+    rows = json.loads((out / "bench.json").read_text())["cases"]
+    assert [r["degradation"] for r in rows] == ["gaussian", "gaussian+snr15", "gaussian+snr30"]
+    psnr = [r["psnr"] for r in rows]
+    assert psnr[0] > psnr[2] > psnr[1]  # more noise, lower PSNR
+    assert (out / "bench_x3_gaussian+snr15.png").is_file()
+    md = (out / "bench.md").read_text()
+    assert md.count("gaussian+snr15") == 1 and "+0.00" in md  # cubic's gain over itself, per noise level
+
+
+def test_rician_noise_level_and_seed() -> None:
+    rng = np.random.default_rng(0)
+    t1 = np.full((8, 8, 20), 100.0, dtype=np.float32)
+    t1[:4] = 50.0  # "grey matter"; the top 20 % of the guide is the "white matter" half
+    t2 = np.where(t1 > 60, 400.0, 700.0).astype(np.float32) + rng.normal(0, 1e-3, t1.shape).astype(np.float32)
+    case = cases.make_case(cases.Subject(t1w=t1, t2w=t2, mask=np.ones(t1.shape, bool), affine=np.eye(4)), 2,
+                           "gaussian")
+    noisy = cases.add_rician_noise(case, 20.0, seed=3)
+    assert noisy.label == "gaussian+snr20" and noisy.degradation == "gaussian" and case.snr is None
+    wm = case.thick_t1w >= 99.0
+    # Interior WM (400, SNR 20): noise SD 20; Rician at SNR 20 is Gaussian to within 0.1 %.
+    inner = wm.copy()
+    inner[3:5] = False
+    assert abs(np.std(noisy.thick[inner] - case.thick[inner]) / 20.0 - 1.0) < 0.15
+    assert np.array_equal(noisy.thick, cases.add_rician_noise(case, 20.0, seed=3).thick)
+    assert not np.array_equal(noisy.thick, cases.add_rician_noise(case, 20.0, seed=4).thick)

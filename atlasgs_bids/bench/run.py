@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="registration suite: skip the stage-2 PSNR of the marked cases")
     parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
                         help="scaffold geometry of the atlasgs methods (see docs/adr/0002-scaffold-geometry.md)")
+    parser.add_argument("--noise", nargs="+", type=float, default=[], metavar="SNR",
+                        help="also run every case with seeded Rician noise on the thick slices at these SNRs "
+                             "(white matter of the thick slices / noise SD), e.g. --noise 15 30")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="voxel-basis lambda")
     parser.add_argument("--h", type=float, default=DEFAULT_H, help="voxel-basis edge bandwidth on normalised T1w")
     return parser
@@ -218,9 +221,9 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
             params = {"radius": tuning.radius, "radius_slices": tuning.radius_slices, "eps": tuning.eps,
                       "oracle_tuned": True, "tuning_seconds": round(time.perf_counter() - t0, 2),
                       "grid": [list(t) for t in tuning.tried]}
-        LOG.info("x%d %s: %s ...", case.factor, case.degradation, method)
+        LOG.info("x%d %s: %s ...", case.factor, case.label, method)
         t_method = time.perf_counter()
-        with Heartbeat(LOG, lambda: f"x{case.factor} {case.degradation}: {method} "
+        with Heartbeat(LOG, lambda: f"x{case.factor} {case.label}: {method} "
                                     f"({time.perf_counter() - t_method:.0f} s)"), PeakMemory(device) as mem:
             t0 = time.perf_counter()
             if method == "linear":
@@ -252,9 +255,9 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
             else:  # pragma: no cover - argparse restricts the choices
                 raise InputError(f"unknown method {method!r}")
             seconds = time.perf_counter() - t0
-        rows.append(_row(case.factor, case.degradation, method, quality, device,
+        rows.append(_row(case.factor, case.label, method, quality, device,
                          cases.score(pred, subject.t2w, subject.mask), seconds, mem, params))
-        LOG.info("x%d %s: %s PSNR %.2f dB in %.1f s", case.factor, case.degradation, method, rows[-1]["psnr"],
+        LOG.info("x%d %s: %s PSNR %.2f dB in %.1f s", case.factor, case.label, method, rows[-1]["psnr"],
                  seconds)
         preds[method] = pred
     return rows, preds
@@ -396,13 +399,14 @@ def run(args: argparse.Namespace) -> int:
     n_cases = len(args.factors) * len(args.degradations)
     for i, (factor, degradation) in enumerate(((f, d) for f in args.factors for d in args.degradations), start=1):
         LOG.info("case %d/%d: x%d %s (%s)", i, n_cases, factor, degradation, ", ".join(methods))
-        case = cases.make_case(subject, factor, degradation)
-        rows, preds = run_case(case, subject, methods, quality=args.quality, device=device, lam=args.lam,
-                               h=args.h, core=core, scaffold=scaffold, seed=args.seed)
-        report["cases"].extend(rows)
-        if preds:
-            write_figure(out / f"bench_x{factor}_{degradation}.png", subject, preds, f"x{factor} {degradation}")
-        _write_json(out / "bench.json", report)  # partial results survive an interrupted run
+        clean = cases.make_case(subject, factor, degradation)
+        for case in [clean] + [cases.add_rician_noise(clean, snr, seed=args.seed) for snr in args.noise]:
+            rows, preds = run_case(case, subject, methods, quality=args.quality, device=device, lam=args.lam,
+                                   h=args.h, core=core, scaffold=scaffold, seed=args.seed)
+            report["cases"].extend(rows)
+            if preds:
+                write_figure(out / f"bench_x{factor}_{case.label}.png", subject, preds, f"x{factor} {case.label}")
+            _write_json(out / "bench.json", report)  # partial results survive an interrupted run
     command = getattr(args, "command_line", None) or _command_line()
     _write_json(out / "bench.json", report)
     write_markdown(out / "bench.md", report, command)
