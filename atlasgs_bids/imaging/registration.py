@@ -33,7 +33,7 @@ from scipy import ndimage
 from atlasgs_bids.errors import InputError, ProcessingError
 from atlasgs_bids.imaging.transforms import ras_to_itk, read_itk_affine, write_itk_affine
 
-__all__ = ["RigidResult", "register_rigid", "apply_rigid", "to_ants"]
+__all__ = ["RigidResult", "Alignment", "register_rigid", "align_to_t1w", "apply_rigid", "to_ants"]
 
 _LPS = np.array([-1.0, -1.0, 1.0])
 
@@ -183,6 +183,7 @@ def register_rigid(
     sampling: float = 0.25,
     iterations: tuple[int, ...] = (1000, 500, 250, 50),
     shrink_factors: tuple[int, ...] = (8, 4, 2, 1),
+    mask_max_shrink: int = 2,
 ) -> RigidResult:
     """Rigidly register a target (moving) volume to the T1w (fixed) with mutual information.
 
@@ -208,6 +209,9 @@ def register_rigid(
         Dilation of ``fixed_mask`` before use, in mm (0 keeps it as is).
     sampling : float
         Fraction of (masked) fixed voxels sampled by the metric at each level, in (0, 1].
+    mask_max_shrink : int
+        The mask restricts the metric only at levels with a shrink factor at most this (the coarser levels run
+        unmasked, as a first stage); 0 never masks, a value >= the largest shrink masks every level.
     iterations, shrink_factors : tuple of int
         Per level, coarse to fine. Smoothing sigmas (mm) are ``0.5 x shrink x fixed voxel size`` at coarse
         levels, at least half the moving's thickest voxel size (slice thickness) on all but the finest
@@ -274,6 +278,7 @@ def register_rigid(
         "shrink_factors": list(shrink_factors),
         "smoothing_sigmas_mm": sigmas,
         "mask": fixed_mask is not None,
+        "mask_max_shrink": mask_max_shrink if fixed_mask is not None else None,
         "mask_dilate_mm": mask_dilate_mm if fixed_mask is not None else None,
         "seed": seed,
     }
@@ -290,17 +295,28 @@ def register_rigid(
             "--winsorize-image-intensities", "[0.005,0.995]",
             "--use-histogram-matching", "0",
             "--initial-moving-transform", f"[{f_ptr},{m_ptr},1]",
-            "--transform", "Rigid[0.1]",
-            "--metric", f"MI[{f_ptr},{m_ptr},1,32,Regular,{sampling}]",
-            "--convergence", "[" + "x".join(str(int(i)) for i in iterations) + ",1e-6,10]",
-            "--shrink-factors", "x".join(str(int(f)) for f in shrink_factors),
-            "--smoothing-sigmas", "x".join(f"{s:g}" for s in sigmas) + "mm",
             # ANTs reads --random-seed 0 as "seed from the clock" (runs then differ, even land in other optima)
             "--random-seed", str(int(seed) + 1),
             "--verbose", "0",
         ]
-        if mask_ants is not None:
-            args += ["--masks", f"[{get_pointer_string(mask_ants)},NA]"]
+        levels = list(zip(iterations, shrink_factors, sigmas))
+        if mask_ants is None:
+            stages = [(levels, "[NA,NA]")]
+        else:
+            coarse = [lv for lv in levels if lv[1] > mask_max_shrink]
+            fine = [lv for lv in levels if lv[1] <= mask_max_shrink]
+            mask_opt = f"[{get_pointer_string(mask_ants)},NA]"
+            stages = [(lv, opt) for lv, opt in ((coarse, "[NA,NA]"), (fine, mask_opt)) if lv]
+        for stage_levels, mask_opt in stages:
+            its, shrinks, sigs = zip(*stage_levels)
+            args += [
+                "--transform", "Rigid[0.1]",
+                "--metric", f"MI[{f_ptr},{m_ptr},1,32,Regular,{sampling}]",
+                "--convergence", "[" + "x".join(str(int(i)) for i in its) + ",1e-6,10]",
+                "--shrink-factors", "x".join(str(int(f)) for f in shrinks),
+                "--smoothing-sigmas", "x".join(f"{v:g}" for v in sigs) + "mm",
+                "--masks", mask_opt,
+            ]
         rc = get_lib_fn("antsRegistration")(process_arguments(args))
         mat = prefix + "0GenericAffine.mat"
         if rc != 0 or not os.path.isfile(mat):
@@ -314,6 +330,14 @@ def register_rigid(
                                        interpolator="linear")
         value = ants.image_similarity(fixed_ants, warped, metric_type="MattesMutualInformation",
                                       fixed_mask=mask_ants)
+        # the same metric at the centre-of-mass start: a registration that did not beat its start has failed
+        shift = np.asarray(ants.get_center_of_mass(moving_ants)) - np.asarray(ants.get_center_of_mass(fixed_ants))
+        start = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                           translation=tuple(float(v) for v in shift))
+        start_img = ants.apply_ants_transform_to_image(start, moving_ants, fixed_ants, interpolation="linear")
+        value0 = ants.image_similarity(fixed_ants, start_img, metric_type="MattesMutualInformation",
+                                       fixed_mask=mask_ants)
+    params["metric_initial"] = -float(value0)
     target2t1w = np.linalg.inv(t1w2target)
     return RigidResult(
         target2t1w=target2t1w,
@@ -322,6 +346,94 @@ def register_rigid(
         seconds=time.perf_counter() - t0,
         parameters=params,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """Result of :func:`align_to_t1w`: antspyx's answer and its refinement through the acquisition model.
+
+    Attributes
+    ----------
+    target2t1w : array, shape (4, 4)
+        The map to use: target world mm RAS -> T1w world mm RAS (the refined one when the refinement lowered the
+        misfit, else antspyx's).
+    ants : RigidResult
+        antspyx's registration.
+    refinement : RefineResult or None
+        :func:`atlasgs_bids.imaging.refine.refine_rigid` from ``ants.target2t1w`` (None when not run).
+    refined : bool
+        Whether ``target2t1w`` is the refined map.
+    seconds : float
+        Wall-clock time of both steps.
+    """
+
+    target2t1w: np.ndarray
+    ants: RigidResult
+    refinement: object | None
+    refined: bool
+    seconds: float
+
+    @property
+    def t1w2target(self) -> np.ndarray:
+        return np.linalg.inv(self.target2t1w)
+
+    def write_itk(self, path: str | os.PathLike) -> Path:
+        """The ITK text transform resampling the target onto the T1w (BIDS ``from-<target>_to-T1w_mode-image``)."""
+        return write_itk_affine(path, self.t1w2target)
+
+    def to_dict(self) -> dict:
+        """JSON-ready record: the final map, antspyx's map and metric, and the refinement (misfit before/after)."""
+        return {
+            "target2t1w": np.asarray(self.target2t1w, dtype=float).tolist(),
+            "metric": float(self.ants.metric), "metric_name": self.ants.metric_name,
+            "metric_initial": self.ants.parameters.get("metric_initial"),
+            "ants_target2t1w": np.asarray(self.ants.target2t1w, dtype=float).tolist(),
+            "ants_seconds": float(self.ants.seconds),
+            "parameters": dict(self.ants.parameters),
+            "refined": bool(self.refined),
+            "refinement": None if self.refinement is None else self.refinement.to_dict(),
+            "seconds": float(self.seconds),
+        }
+
+
+def align_to_t1w(
+    fixed: nib.Nifti1Image,
+    moving: nib.Nifti1Image,
+    *,
+    fixed_mask: nib.Nifti1Image | None,
+    acquisition=None,
+    seed: int = 0,
+    threads: int | None = None,
+    refine: bool = True,
+) -> Alignment:
+    """antspyx rigid registration (:func:`register_rigid`), then sub-voxel refinement through the target's
+    acquisition model (:func:`atlasgs_bids.imaging.refine.refine_rigid`).
+
+    Parameters
+    ----------
+    fixed, moving, fixed_mask, seed, threads
+        As in :func:`register_rigid`. The refinement needs ``fixed_mask`` (it chooses the target voxels that count);
+        without one it is skipped.
+    acquisition : Acquisition, optional
+        The target's slice profile and PSF (``SliceThickness``); default from the moving header.
+    refine : bool
+        Run the refinement. Its answer is kept only when it lowered the model misfit.
+
+    Returns
+    -------
+    Alignment
+    """
+    from atlasgs_bids.imaging.refine import refine_rigid
+
+    t0 = time.perf_counter()
+    ants_result = register_rigid(fixed, moving, fixed_mask=fixed_mask, seed=seed, threads=threads)
+    refinement, refined, final = None, False, ants_result.target2t1w
+    if refine and fixed_mask is not None:
+        refinement = refine_rigid(fixed, fixed_mask, moving, ants_result.target2t1w, acquisition)
+        if refinement.misfit_after < refinement.misfit_before:
+            refined, final = True, refinement.target2t1w
+    return Alignment(target2t1w=final, ants=ants_result, refinement=refinement, refined=refined,
+                     seconds=time.perf_counter() - t0)
 
 
 _ORDERS = {"nearest": 0, "linear": 1, "cubic": 3}

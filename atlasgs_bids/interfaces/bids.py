@@ -77,6 +77,8 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         params["appearance_options"] = appearance["options"]
     if isinstance(registration.get("parameters"), dict):
         params["registration"] = registration["parameters"]
+    if isinstance(registration.get("refinement"), dict):  # initial and refined transforms, misfit before/after
+        params["registration_refinement"] = {**registration["refinement"], "accepted": registration.get("refined")}
     if isinstance(appearance.get("acquisition"), dict):  # the slice profile actually used (thickness in mm)
         params["acquisition"] = appearance["acquisition"]
     if source_geometry:
@@ -107,6 +109,10 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         ours, cub = sv.get("atlasgs") or {}, sv.get("cubic") or {}
         out["Metrics"].update({
             "registration_ncc": reg.get("ncc"), "registration_mask_dice": reg.get("mask_dice"),
+            "registration_misfit_before": (reg.get("refinement") or {}).get("misfit_before"),
+            "registration_misfit_after": (reg.get("refinement") or {}).get("misfit_after"),
+            "registration_refinement_mm": (reg.get("refinement") or {}).get("moved_mm"),
+            "registration_spread_mm": (reg.get("stability") or {}).get("spread_mm"),
             **{f"heldout_{k}": ours.get(k) for k in ("psnr", "ncc", "mae")},
             **{f"heldout_cubic_{k}": cub.get(k) for k in ("psnr", "ncc", "mae")},
             "heldout_gain_db": sv.get("gain_psnr_db"),

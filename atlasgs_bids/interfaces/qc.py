@@ -19,17 +19,34 @@ from atlasgs_bids.interfaces.fitting import json_safe
 
 def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, ref_file: str | os.PathLike,
                          xfm_file: str | os.PathLike, registration_report: str | os.PathLike | None = None, *,
-                         target_name: str = "target") -> dict:
-    """:func:`atlasgs_bids.qc.registration.registration_qc` on files; adds ``mattes_mi`` from the registration
-    report. Raises :class:`ProcessingError` naming ``target_name`` when the registration failed."""
+                         slice_thickness: float | None = None, target_name: str = "target") -> dict:
+    """:func:`atlasgs_bids.qc.registration.registration_qc` and :func:`~atlasgs_bids.qc.registration.restart_spread`
+    on files; adds ``mattes_mi``, the antspyx metric at its start, and the refinement record from the registration
+    report. Raises :class:`ProcessingError` naming ``target_name`` when the registration failed (edge NCC below the
+    fail threshold, or antspyx's metric no better than at its centre-of-mass start while the refinement could not
+    lower the model misfit either)."""
+    from atlasgs_bids.imaging.acquisition import Acquisition
     from atlasgs_bids.imaging.transforms import read_itk_affine
-    from atlasgs_bids.qc.registration import registration_qc
+    from atlasgs_bids.qc.registration import registration_qc, restart_spread
 
     target2t1w = np.linalg.inv(read_itk_affine(xfm_file))
-    out = registration_qc(nib.load(str(t1w_file)), nib.load(str(mask_file)), nib.load(str(ref_file)), target2t1w)
+    t1w, mask, ref = nib.load(str(t1w_file)), nib.load(str(mask_file)), nib.load(str(ref_file))
+    out = registration_qc(t1w, mask, ref, target2t1w)
+    acq = Acquisition.from_geometry(ref.affine, ref.shape[:3], slice_thickness=slice_thickness)
+    stability = restart_spread(t1w, mask, ref, target2t1w, acq) if not out["failed"] else None
+    out["stability"] = stability
     reg = json.loads(Path(registration_report).read_text()) if registration_report else {}
     out["mattes_mi"] = reg.get("metric")
+    out["mattes_mi_initial"] = reg.get("metric_initial")
+    out["refinement"] = reg.get("refinement")
+    out["refined"] = reg.get("refined")
     out["registration_seconds"] = reg.get("seconds")
+    mi, mi0 = reg.get("metric"), reg.get("metric_initial")
+    if mi is not None and mi0 is not None and mi <= mi0 and not reg.get("refined"):
+        raise ProcessingError(
+            f"{target_name}: registration to the T1w failed: antspyx ended with a mutual information ({mi:.4f}) no "
+            f"better than at its centre-of-mass start ({mi0:.4f}), and the slice-aware refinement did not lower "
+            "the misfit either; check the target's orientation/header, or its field of view")
     if out["failed"]:
         raise ProcessingError(
             f"{target_name}: registration to the T1w failed: edge NCC {out['ncc']:.3f} inside the T1w brain mask "
@@ -62,7 +79,9 @@ def qc_document(*, target: str, modality: str, version: str, device: str, parame
                 self_validation: dict | None, appearance: dict) -> dict:
     """The per-target QC JSON (schema agreed with the report pages); ``flags`` lists what needs a look.
 
-    Flags: ``registration_poor`` (edge NCC below the warn threshold), ``selfval_not_better_than_cubic`` (held-out
+    Flags: ``registration_poor`` (edge NCC below the warn threshold), ``registration_unstable`` (restarts of the
+    slice-aware refinement from perturbed copies of the transform end more than the threshold away from it),
+    ``selfval_not_better_than_cubic`` (held-out
     PSNR gain <= 0 dB), ``selfval_not_computed`` (brain slab too thin to hold a slice out).
     """
     reg = {k: registration.get(k) for k in ("ncc", "mask_dice", "mattes_mi", "fail_threshold_ncc",
@@ -70,6 +89,10 @@ def qc_document(*, target: str, modality: str, version: str, device: str, parame
     reg["seconds"] = registration.get("registration_seconds")  # antsRegistration itself
     reg["qc_seconds"] = registration.get("seconds")  # this check
     reg["intensity_ncc"] = registration.get("intensity_ncc")
+    reg["mattes_mi_initial"] = registration.get("mattes_mi_initial")
+    reg["refined"] = registration.get("refined")
+    reg["refinement"] = registration.get("refinement")
+    reg["stability"] = registration.get("stability")
     reg["ncc_definition"] = "NCC of gradient-magnitude (edge) maps, T1w brain mask in the target's field of view"
     fit = {"relative_residual": appearance.get("relative_residual"), "iterations": appearance.get("iterations"),
            "history": [float(v) for v in appearance.get("history") or []], "seconds": appearance.get("seconds"),
@@ -77,6 +100,8 @@ def qc_document(*, target: str, modality: str, version: str, device: str, parame
     flags = []
     if reg.get("flag"):
         flags.append("registration_poor")
+    if (reg.get("stability") or {}).get("flag"):
+        flags.append("registration_unstable")
     if self_validation is None:
         flags.append("selfval_not_computed")
     elif self_validation.get("flag"):
@@ -91,7 +116,8 @@ class _RegQCInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="T1w brain mask")
     ref_file = File(exists=True, mandatory=True, desc="target 3D reference on its own grid")
     xfm_file = File(exists=True, mandatory=True, desc="ITK transform resampling the target onto the T1w")
-    registration_report = File(exists=True, desc="RigidRegistration JSON (Mattes MI, seconds)")
+    registration_report = File(exists=True, desc="RigidRegistration JSON (Mattes MI, refinement, seconds)")
+    slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm (sidecar)")
     target_file = traits.Str("target", usedefault=True, desc="the target's path (named in errors)")
 
 
@@ -109,6 +135,7 @@ class RegistrationQC(SimpleInterface):
     def _run_interface(self, runtime):
         info = registration_qc_file(self.inputs.t1w_file, self.inputs.mask_file, self.inputs.ref_file,
                                     self.inputs.xfm_file, self.inputs.registration_report or None,
+                                    slice_thickness=self.inputs.slice_thickness,
                                     target_name=Path(self.inputs.target_file).name)
         out = Path(runtime.cwd) / "registration_qc.json"
         out.write_text(json.dumps(json_safe(info), indent=2, allow_nan=False))

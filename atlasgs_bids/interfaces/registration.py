@@ -44,23 +44,25 @@ def make_reference(in_file: str | os.PathLike, out_file: str | os.PathLike, *, m
 
 
 def register_to_t1w(t1w_file: str | os.PathLike, ref_file: str | os.PathLike, out_xfm: str | os.PathLike, *,
-                    mask_file: str | os.PathLike | None = None, seed: int = 0,
-                    threads: int | None = None) -> dict:
-    """Rigidly register the target reference to the T1w (antspyx, mutual information).
+                    mask_file: str | os.PathLike | None = None, slice_thickness: float | None = None,
+                    seed: int = 0, threads: int | None = None) -> dict:
+    """Rigidly register the target reference to the T1w: antspyx (mutual information), then sub-voxel refinement
+    through the target's slice profile (:func:`atlasgs_bids.imaging.registration.align_to_t1w`).
 
     Writes the ITK transform that resamples the target onto the T1w (BIDS ``from-<target>_to-T1w_mode-image``)
-    and returns ``{"target2t1w": (4,4) list (target world mm RAS -> T1w world mm RAS), "metric", "metric_name",
-    "seconds", "parameters"}``.
+    and returns :meth:`Alignment.to_dict` (``target2t1w``: target world mm RAS -> T1w world mm RAS, the antspyx
+    map and metric, the refinement's misfit before/after) plus ``slice_thickness``.
     """
-    from atlasgs_bids.imaging.registration import register_rigid
+    from atlasgs_bids.imaging.acquisition import Acquisition
+    from atlasgs_bids.imaging.registration import align_to_t1w
 
     mask = nib.load(str(mask_file)) if mask_file else None
-    result = register_rigid(nib.load(str(t1w_file)), nib.load(str(ref_file)), fixed_mask=mask, seed=seed,
-                            threads=threads)
+    ref = nib.load(str(ref_file))
+    acq = Acquisition.from_geometry(ref.affine, ref.shape[:3], slice_thickness=slice_thickness)
+    result = align_to_t1w(nib.load(str(t1w_file)), ref, fixed_mask=mask, acquisition=acq, seed=seed,
+                          threads=threads)
     result.write_itk(out_xfm)
-    return {"target2t1w": np.asarray(result.target2t1w, dtype=float).tolist(), "metric": float(result.metric),
-            "metric_name": result.metric_name, "seconds": float(result.seconds),
-            "parameters": dict(result.parameters)}
+    return {**result.to_dict(), "slice_thickness": slice_thickness}
 
 
 class _ReferenceInputSpec(BaseInterfaceInputSpec):
@@ -92,18 +94,19 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     t1w_file = File(exists=True, mandatory=True, desc="RAS+ T1w (fixed)")
     ref_file = File(exists=True, mandatory=True, desc="target reference (moving)")
     mask_file = File(exists=True, desc="T1w brain mask (restricts the metric)")
+    slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm (sidecar)")
     seed = traits.Int(0, usedefault=True, desc="ANTs random seed")
     threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads; not hashed")
 
 
 class _RegisterOutputSpec(TraitedSpec):
     out_xfm = File(exists=True, desc="ITK text transform, from-target to-T1w mode-image")
-    out_report = File(exists=True, desc="JSON: target2t1w (RAS), metric, seconds, parameters")
+    out_report = File(exists=True, desc="JSON: target2t1w (RAS), antspyx metric, refinement, seconds, parameters")
     metric = traits.Float(desc="mutual information after registration (higher is better)")
 
 
 class RigidRegistration(SimpleInterface):
-    """antspyx rigid registration of a target reference to the T1w (:func:`register_to_t1w`)."""
+    """Rigid registration of a target reference to the T1w, antspyx then refinement (:func:`register_to_t1w`)."""
 
     input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
@@ -112,7 +115,8 @@ class RigidRegistration(SimpleInterface):
         t0 = time.perf_counter()
         xfm = Path(runtime.cwd) / "target2t1w_xfm.txt"
         info = register_to_t1w(self.inputs.t1w_file, self.inputs.ref_file, xfm,
-                               mask_file=self.inputs.mask_file or None, seed=self.inputs.seed,
+                               mask_file=self.inputs.mask_file or None,
+                               slice_thickness=self.inputs.slice_thickness, seed=self.inputs.seed,
                                threads=self.inputs.threads)
         info["seconds"] = time.perf_counter() - t0
         report = Path(runtime.cwd) / "registration.json"

@@ -98,12 +98,15 @@ def init_target_wf(*, target: TargetInput, config: Config, t1w_file: str | Path 
         f"The {target.modality} image was reduced to a 3D reference volume "
         f"({'mean b=0' if target.modality == 'dwi' else 'mean control/M0' if target.modality == 'asl' else 'itself'}) "
         "and registered rigidly to the T1w with antspyx (Mattes mutual information, centre-of-mass initialisation, "
-        f"brain-masked metric, seed {seed}). Per-Gaussian {target.modality} intensities were then fitted on the "
+        f"whole field of view at the coarse levels and brain-masked metric at the fine ones, seed {seed}); the "
+        "transform was then refined to sub-voxel precision by matching the T1w, pushed through the target's slice "
+        "profile and a fitted T1w-to-target intensity map, to the target's own voxels (Gauss-Newton). Per-Gaussian {target.modality} intensities were then fitted on the "
         f"target's own grid through its slice profile (slice thickness "
         f"{f'{thickness} mm' if thickness is not None else 'taken from the voxel size'}) and the rigid transform "
         f"(quality preset '{quality}', device {device}), and rendered on the T1w grid. "
         "Quality control: the registration was checked by the correlation of the T1w's and the registered "
-        "reference's edge maps inside the brain mask, and the fit by holding out every 4th slice of a mid-brain "
+        "reference's edge maps inside the brain mask and by restarting the refinement from perturbed transforms, "
+        "and the fit by holding out every 4th slice of a mid-brain "
         "slab, refitting on the rest and predicting the held-out slices through the forward model, scored against "
         "the measured slices beside cubic interpolation along the slice axis."
     )
@@ -127,11 +130,15 @@ def init_target_wf(*, target: TargetInput, config: Config, t1w_file: str | Path 
     reference = pe.Node(ReferenceVolume(modality=target.modality), name="reference")
     # One ITK thread: multi-threaded Mattes MI differs run to run (~0.03 mm here), one thread is bit-reproducible
     # and costs seconds next to stage 2.
-    register = pe.Node(RigidRegistration(seed=seed, threads=1), name="register")
+    register = pe.Node(RigidRegistration(seed=seed, threads=1,
+                                         slice_thickness=float(thickness) if thickness is not None else None),
+                       name="register")
     harmonize = pe.Node(Harmonize(quality=quality, device=device, threads=threads,
                                   slice_thickness=float(thickness) if thickness is not None else None),
                         name="harmonize", n_procs=threads)
-    reg_qc = pe.Node(RegistrationQC(target_file=str(target.path)), name="registration_qc")
+    reg_qc = pe.Node(RegistrationQC(target_file=str(target.path),
+                                    slice_thickness=float(thickness) if thickness is not None else None),
+                     name="registration_qc")
     selfval = pe.Node(SelfValidation(quality=quality, seed=seed, device=device, threads=threads,
                                      slice_thickness=float(thickness) if thickness is not None else None),
                       name="self_validation", n_procs=threads)
