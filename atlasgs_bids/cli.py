@@ -248,11 +248,15 @@ def quiet_nipype() -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Log one line when a stage ends, with its duration (or that it failed, and after how long)."""
+def stage(name: str, *, heartbeat: bool = True) -> Iterator[None]:
+    """Log one line when a stage ends, with its duration (or that it failed, and after how long); while it runs, a
+    :class:`Heartbeat` says it is still running (``heartbeat=False`` where the caller has its own)."""
     t0 = time.perf_counter()
+    beat = (Heartbeat(LOGGER, lambda: f"{name} ({time.perf_counter() - t0:.0f} s)") if heartbeat
+            else contextlib.nullcontext())
     try:
-        yield
+        with beat:
+            yield
     except BaseException:
         LOGGER.info("%s: failed after %.1f s", name, time.perf_counter() - t0)
         raise
@@ -360,11 +364,14 @@ def _check_participant_images(config: Config, inputs: list[SubjectInputs],
     """Read every participant's images up front (:func:`check_images`), before any workflow is built. A participant
     with a bad image is left out: one console line naming the file, its ``logs/<label>_status.json`` marks it
     failed (input error, the traceback kept there). Returns the participants left and ``[(label, True)]`` failures."""
-    kept, failures = [], []
+    kept: list[SubjectInputs] = []
+    failures: list[tuple[str, bool]] = []
     t0 = time.perf_counter()
-    for si in inputs:
+    for i, si in enumerate(inputs):
         try:
-            check_images(si)
+            with Heartbeat(LOGGER, lambda: f"input image check, {si.label} ({i + 1} of {len(inputs)}, "
+                                           f"{time.perf_counter() - t0:.0f} s)"):
+                check_images(si)
         except InputError as exc:
             LOGGER.error("%s: input error: %s; no derivatives written for it", si.label, exc,
                          exc_info=bool(_VERBOSE))
@@ -458,7 +465,7 @@ def run_participant_level(config: Config) -> int:
                                "status_callback": timer}
                 if config.resources.mem_gb:
                     plugin_args["memory_gb"] = config.resources.mem_gb
-                with stage(f"{si.label} workflow"), Heartbeat(LOGGER, timer.running):
+                with stage(f"{si.label} workflow", heartbeat=False), Heartbeat(LOGGER, timer.running):
                     wf.run(plugin="MultiProc", plugin_args=plugin_args)
                 moved = bd.commit_staging(staging, ex.output_dir)
                 bd.atomic_write_bytes(ex.log_dir / f"{si.label}_methods.txt", methods_text(wf).encode())

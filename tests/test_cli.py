@@ -210,6 +210,23 @@ def test_stage_logs_duration(caplog):
         logger.propagate = False
 
 
+def test_stage_is_never_silent(caplog, monkeypatch):
+    """A long stage (BIDS validation, pybids indexing, ...) says it is still running (every 30 s on a terminal)."""
+    import time as _time
+
+    monkeypatch.setenv("ATLASGS_HEARTBEAT_SECONDS", "0.05")
+    cli.setup_logging(0)
+    logger = logging.getLogger("atlasgs")
+    logger.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="atlasgs"):
+            with cli.stage("input discovery"):
+                _time.sleep(0.2)
+        assert any(r.getMessage().startswith("still running: input discovery (") for r in caplog.records)
+    finally:
+        logger.propagate = False
+
+
 def test_bench_subcommand_dispatch(capsys):
     pytest.importorskip("atlasgs_bids.bench.run", reason="bench runner not written yet")
     assert cli.main(["bench", "--help"]) == 0
