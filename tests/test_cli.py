@@ -197,34 +197,32 @@ def test_progress_bar_on_tty_lines_otherwise():
                                              "scaffold: step 10/10 (100%) loss 0.25"]
 
 
-def test_stage_logs_duration(caplog):
+@pytest.fixture()
+def app_log(caplog):
+    """The app's log records (``caplog``), with its logger set up as the CLI does and propagating to pytest."""
     cli.setup_logging(0)
-    logger = logging.getLogger("atlasgs")
-    logger.propagate = True
+    cli.LOGGER.propagate = True
     try:
         with caplog.at_level(logging.INFO, logger="atlasgs"):
-            with cli.stage("discovery"):
-                pass
-        assert any(r.getMessage().startswith("discovery: done in ") for r in caplog.records)
+            yield caplog
     finally:
-        logger.propagate = False
+        cli.LOGGER.propagate = False
 
 
-def test_stage_is_never_silent(caplog, monkeypatch):
+def test_stage_logs_duration(app_log):
+    with cli.stage("discovery"):
+        pass
+    assert any(r.getMessage().startswith("discovery: done in ") for r in app_log.records)
+
+
+def test_stage_is_never_silent(app_log, monkeypatch):
     """A long stage (BIDS validation, pybids indexing, ...) says it is still running (every 30 s on a terminal)."""
     import time as _time
 
     monkeypatch.setenv("ATLASGS_HEARTBEAT_SECONDS", "0.05")
-    cli.setup_logging(0)
-    logger = logging.getLogger("atlasgs")
-    logger.propagate = True
-    try:
-        with caplog.at_level(logging.INFO, logger="atlasgs"):
-            with cli.stage("input discovery"):
-                _time.sleep(0.2)
-        assert any(r.getMessage().startswith("still running: input discovery (") for r in caplog.records)
-    finally:
-        logger.propagate = False
+    with cli.stage("input discovery"):
+        _time.sleep(0.2)
+    assert any(r.getMessage().startswith("still running: input discovery (") for r in app_log.records)
 
 
 def test_bench_subcommand_dispatch(capsys):
@@ -295,23 +293,17 @@ def test_bench_prints_per_case_progress_and_heartbeat(shared_data, tmp_path, cap
     assert "still running: x3 gaussian: cubic" in err
 
 
-def test_heartbeat_names_running_nodes(caplog):
+def test_heartbeat_names_running_nodes(app_log):
     """During a participant's workflow the heartbeat names the nodes still running and for how long."""
+    import time as _time
     from types import SimpleNamespace
 
     from atlasgs_bids.interfaces.progress import Heartbeat
 
     timer = cli.NodeTimer("sub-01 ")
     timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "start")
-    with caplog.at_level(logging.INFO, logger="atlasgs"):
-        cli.LOGGER.propagate = True
-        try:
-            with Heartbeat(cli.LOGGER, timer.running, interval=0.05):
-                import time as _time
-
-                _time.sleep(0.2)
-        finally:
-            cli.LOGGER.propagate = False
-    assert any(r.getMessage().startswith("still running: sub-01 T2w_wf.harmonize (") for r in caplog.records)
+    with Heartbeat(cli.LOGGER, timer.running, interval=0.05):
+        _time.sleep(0.2)
+    assert any(r.getMessage().startswith("still running: sub-01 T2w_wf.harmonize (") for r in app_log.records)
     timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "end")
     assert timer.running() == ""
