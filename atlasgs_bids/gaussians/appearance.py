@@ -72,7 +72,7 @@ class AppearanceOptions:
     w_floor: float = 0.0
     h_noise: float = 0.0
     nonnegative: bool = True
-    upper: float | None = 1.1
+    upper: float | None = 1.5
     bound_iter: int = 100
     tune: bool = False
 
