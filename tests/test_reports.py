@@ -415,6 +415,7 @@ def test_group_page_scales_to_ten_thousand_participants():
     assert _time.perf_counter() - t0 < 20
     assert len(text) < 12e6
     assert text.count("<svg") >= 4 and "outliers)" in text  # histogram titles: "metric (n=..., k outliers)"
+    assert "docs/qc.md" in text and "docs/troubleshooting.md" in text
     table = text[text.index("id='targets'"):]
     order = re.findall(r"<tr data-flagged='(\d)'[^>]*><td>(sub-\d+)</td><td>[^<]*</td><td[^>]*>[^<]*</td>"
                        r"<td[^>]*>(\w+)</td>", table)

@@ -19,6 +19,7 @@ import numpy as np
 
 from atlasgs_bids.atomic import atomic_write_bytes
 from atlasgs_bids.reports import figures as fg
+from atlasgs_bids.reports.subject import doc_ref
 
 K_MAD = 3.5
 MIN_ROWS = 4
@@ -184,7 +185,8 @@ def render_group_html(rows: Sequence[dict[str, Any]], bands: dict[tuple[str, str
             f"{' by atlasgs-bids ' + _e(version) if version else ''} from the derivatives' sidecars "
             f"(<a href='group_qc.tsv'>group_qc.tsv</a>). Outlier: more than {k:g} robust SD (1.4826 MAD, at least "
             f"{REL_FLOOR:.0%} of the median) from the median of the same modality; shaded band in the plots; needs "
-            f"at least {MIN_ROWS} rows.</p>",
+            f"at least {MIN_ROWS} rows. What each column means: {doc_ref('qc.md', 'group-group_qctsv-group_qchtml')}; "
+            f"failed participants and what to do: {doc_ref('troubleshooting.md')}.</p>",
             "<p class='counts'>"
             f"<span>{_n(len({r['participant_id'] for r in ok}), 'participant')} with outputs "
             f"({_n(len(ok), 'target')})</span>"
