@@ -1,7 +1,8 @@
 """Registration suite: seeded known-truth cases of moved, thick-slice targets, scored against the true transform.
 
-Each case takes an isotropic T1w/T2w pair from ``mni152-hcp`` (the 1 mm skull-stripped templates, or the 2 mm head
-templates, which keep skull and neck), gives the T1w an oblique header (the data array unchanged, the world
+Each case takes an isotropic T1w/T2w pair: from ``mni152-hcp`` (the 1 mm skull-stripped templates, or the 2 mm head
+templates, which keep skull and neck), or the demo sample's object at 2 mm (nilearn's MNI152 2009 T1w and a T2w
+mixed from its tissue maps, so exactly aligned), gives the T1w an oblique header (the data array unchanged, the world
 rotated) and stores it RAS or LAS, moves the T2w rigidly (rotation about the brain centre, then a translation) and
 measures it through thick slices along one voxel axis (Gaussian slice profile, thickness = spacing, Rician noise),
 so the true target -> T1w map is known. The app's alignment (:func:`atlasgs_bids.imaging.registration.align_to_t1w`:
@@ -40,7 +41,7 @@ class RegCase:
     """One known-truth registration case (all angles in degrees, distances in mm)."""
 
     name: str
-    source: str  # "mni1mm-brain" (skull-stripped) or "mni2mm-head"
+    source: str  # "mni1mm-brain" (skull-stripped), "mni2mm-head" or "sample2mm" (the demo sample's object)
     rotation_deg: float
     rotation_axis: tuple[float, float, float]
     translation_mm: tuple[float, float, float]
@@ -60,18 +61,19 @@ def _unit(rng: np.random.Generator) -> tuple[float, float, float]:
 def make_cases(n: int = 20, seed: int = 0) -> list[RegCase]:
     """``n`` seeded cases. Case 0 is the headline (1 mm, x5 axial, 5 deg / 4 mm, straight RAS header); the rest draw
     rotations 0-15 deg, translations 0-10 mm, oblique headers 0-20 deg, RAS or LAS, x3/x5/x7 along each axis, and
-    alternate the 1 mm skull-stripped and 2 mm head sources. PSNR is computed on case 0 and on the 2 mm cases."""
+    alternate the 1 mm skull-stripped MNI pair with the 2 mm MNI head pair and the demo sample's object at 2 mm.
+    PSNR is computed on case 0 and on the 2 mm cases."""
     rng = np.random.default_rng(seed)
     out = [RegCase("c00-headline", "mni1mm-brain", 5.0, (0.6, 0.8, 0.0), (4.0, 0.0, 0.0), 0.0, (1.0, 0.0, 0.0),
                    "RAS", 5, 2, True)]
     for i in range(1, n):
-        source = "mni1mm-brain" if i % 2 else "mni2mm-head"
+        source = "mni1mm-brain" if i % 2 else ("mni2mm-head", "sample2mm")[(i // 2) % 2]
         t = np.asarray(_unit(rng)) * rng.uniform(0, 10)
         out.append(RegCase(
             name=f"c{i:02d}", source=source, rotation_deg=float(rng.uniform(0, 15)), rotation_axis=_unit(rng),
             translation_mm=tuple(float(x) for x in t), oblique_deg=float(rng.uniform(0, 20)),
             oblique_axis=_unit(rng), storage=("RAS", "LAS")[int(rng.integers(2))],
-            factor=int(rng.choice([3, 5, 7])), slice_axis=int((i // 2) % 3), psnr=source == "mni2mm-head"))
+            factor=int(rng.choice([3, 5, 7])), slice_axis=int((i // 2) % 3), psnr=source != "mni1mm-brain"))
     return out
 
 
@@ -92,6 +94,8 @@ def load_source(data_dir: Path, source: str) -> _Source:
             raise InputError(f"registration benchmark: data file not found: {path}")
         return nib.load(str(path))
 
+    if source == "sample2mm":
+        return _sample_source()
     mask_img = load("MNI152_T1_1mm_brain_mask.nii.gz")
     if source == "mni1mm-brain":
         t1, t2 = load("MNI152_T1_1mm_brain.nii.gz"), load("MNI152_T2_1mm_brain.nii.gz")
@@ -102,6 +106,25 @@ def load_source(data_dir: Path, source: str) -> _Source:
     mask = ndimage.affine_transform(np.asarray(mask_img.dataobj, dtype=np.float32), vox[:3, :3], vox[:3, 3],
                                     output_shape=t1.shape, order=1) > 0.5
     return _Source(t1.get_fdata(dtype=np.float32), t2.get_fdata(dtype=np.float32), mask, t1.affine, False)
+
+
+def _sample_source(t1_mm: float = 2.0) -> _Source:
+    """The demo sample's object at ``t1_mm``: nilearn's MNI152 2009 T1 and a T2w mixed from its tissue maps (with
+    the demo's bias field), exactly aligned by construction (their own T2w pair agrees only to ~0.4 mm)."""
+    from atlasgs_bids.data import sample
+
+    maps, affine = sample._load_templates()
+    csf = np.clip(maps["mask"] - maps["gm"] - maps["wm"], 0.0, 1.0)
+    w = sample.T2_WEIGHTS
+    obj = sample.T2_SCALE * (w["wm"] * maps["wm"] + w["gm"] * maps["gm"] + w["csf"] * csf)
+    ijk = np.argwhere(maps["mask"])
+    world = nib.affines.apply_affine(affine, ijk)
+    grid, shape = sample._box_grid(world.min(0) - 8.0, world.max(0) + 8.0, np.full(3, t1_mm))
+    fw = (t1_mm,) * 3
+    t1 = sample_through_psf(maps["t1"], affine, grid, shape, fw) * sample.T1_SCALE
+    t2 = sample_through_psf(obj.astype(np.float32), affine, grid, shape, fw)
+    mask = sample_through_psf(maps["mask"].astype(np.float32), affine, grid, shape, fw) > 0.5
+    return _Source(t1.astype(np.float32), t2.astype(np.float32), mask, grid, False)
 
 
 @dataclass
