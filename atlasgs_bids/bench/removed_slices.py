@@ -214,9 +214,10 @@ def coronal_band_figure(pair: RealPair, path: str | Path, options: dict[str, App
 
     The scaffold is a lattice on a coronal band of the T1w (voxel axis 1 in ``y_centre +- half_width``, the whole
     brain in the other two axes), so one fit costs about a minute instead of the whole brain's six; the panel is the
-    band's middle coronal plane rendered on the T1w grid (thick slices of the PDw run across it). Grey scale 0 to
-    the target's 99.9th percentile; values outside are saturated, and the title gives the panel's range.
-    Returns {name: {"min", "max", "n_negative", "p999"}} over the band's rendered brain voxels.
+    band's middle coronal plane rendered on the T1w grid (thick slices of the PDw run across it). Grey scale from
+    the target's 5th to its 99.9th percentile (fitted voxels); values outside are saturated, and the title gives
+    the panel's range. Returns {name: {"min", "max", "n_negative", "p999", "lam", "w_floor"}} over the band's
+    rendered brain voxels (lam and w_floor as used, i.e. after tuning).
     """
     import matplotlib
 
@@ -235,13 +236,14 @@ def coronal_band_figure(pair: RealPair, path: str | Path, options: dict[str, App
         app = fit_appearance(scaffold, pair.target, acq, pair.target2t1w, opts)
         vol = render(app, band_affine, band_mask.shape, mask=band_mask)
         inside = vol[band_mask & (vol != 0)]
-        p999 = float(np.percentile(pair.target[tuple(app.fitted_ijk.T)], 99.9))
+        p5, p999 = np.percentile(pair.target[tuple(app.fitted_ijk.T)], [5.0, 99.9])
+        used = app.diagnostics["options"]
         stats[name] = {"min": float(inside.min()), "max": float(inside.max()), "n_negative": int((inside < 0).sum()),
-                       "p999": p999}
-        panels.append((name, vol[:, half_width], p999))
+                       "p999": float(p999), "lam": used["lam"], "w_floor": used["w_floor"]}
+        panels.append((name, vol[:, half_width], (float(p5), float(p999))))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6))
-    for ax, (name, img, p999) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(img.T, origin="lower", cmap="gray", vmin=0.0, vmax=p999, interpolation="nearest")
+    for ax, (name, img, (lo_v, hi_v)) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(img.T, origin="lower", cmap="gray", vmin=lo_v, vmax=hi_v, interpolation="nearest")
         ax.set_title(f"{name}\nrange {stats[name]['min']:.0f} to {stats[name]['max']:.0f}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()

@@ -58,7 +58,7 @@ class AppearanceOptions:
         percentile of the fitted measurements; None: no upper bound
     bound_iter : projected-gradient iterations after CG that enforce the bounds
     tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
-        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; about five small extra fits)
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
     """
 
     lam: float = 0.003
@@ -108,7 +108,9 @@ class Appearance:
     scaffold : the (frozen) geometry the coefficients belong to
     coeffs : [N, V] float32 field amplitudes in normalised target units (V volumes)
     intensity : maps normalised units back to the target's own units
-    diagnostics : seconds, iterations, residual_rms, history, n_measurements, options
+    diagnostics : seconds, iterations, residual_rms, history, n_measurements, options (lam and w_floor as used,
+        after tuning), noise_sigma (target units) and noise_sigma_normalised, h_used, bounds, tuning (the record of
+        :func:`atlasgs_bids.qc.tuning.tune_appearance`, None when not tuned)
     target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
         view the data constrain (outside it the field is only the regulariser's extrapolation)
     fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
@@ -253,6 +255,7 @@ def fit_appearance(
     device = torch.device(device)
     vol = _check_target(data, acquisition, target2t1w)
     tuning = None
+    requested = opts  # recorded as given (the choice made by tuning is in lam / w_floor and in "tuning")
     if opts.tune:
         from atlasgs_bids.qc.tuning import tune_appearance
 
@@ -317,11 +320,14 @@ def fit_appearance(
         "n_measurements": int(len(ijk)),
         "n_gaussians": sc.n_gaussians,
         "nnz": a_mat.nnz,
-        "options": asdict(opts),
+        "options": asdict(replace(opts, tune=requested.tune)),
         "device": str(device),
-        "noise": {"target_sigma": sigma_target, "target_sigma_normalised": sigma_target / intensity.scale,
-                  "t1w_sigma_normalised": sigma_t1,
-                  "method": "in-plane Immerkaer high-pass MAD (target), kNN-mean residual MAD (T1w on the scaffold)"},
+        # Scalars, so that the sidecar's Metrics carry them (target units; normalised: / the 99th percentile).
+        "noise_sigma": sigma_target,
+        "noise_sigma_normalised": sigma_target / intensity.scale,
+        "t1w_noise_sigma_normalised": sigma_t1,
+        "noise_method": "target: in-plane Immerkaer high-pass, median |r| x 1.4826; T1w: kNN-mean residual on the "
+                        "scaffold",
         "h_used": h_used,
         "tuning": tuning,
         "bounds": {**bound_info, "n_outside_after_cg": info.get("n_at_bound_cg"),
