@@ -114,3 +114,28 @@ def test_group_level_from_the_derivatives_alone(run, tmp_path):
     # the participant level still needs the raw dataset
     proc = run_cli(gone, tmp_path / "o", "participant", *BASE_FLAGS)
     assert proc.returncode == 2 and "path does not exist" in proc.stderr
+
+
+def test_sidecar_and_transform_record_the_registration_refinement(run, tiny_sample):
+    """Issue 11: the sidecar keeps antspyx's and the refined transform, the misfit before/after and the restart
+    spread; the transform written is the refined one and lies within half a T1w voxel of the sample's truth."""
+    import numpy as np
+
+    from atlasgs_bids.imaging.refine import max_displacement_mm, surface_points
+    from atlasgs_bids.imaging.transforms import read_itk_affine
+
+    anat = run["out"] / "sub-01" / "anat"
+    sidecar = json.loads((anat / "sub-01_space-T1w_desc-atlasgs_T2w.json").read_text())
+    ref = sidecar["Parameters"]["registration_refinement"]
+    assert ref["accepted"] is True and ref["misfit_after"] < ref["misfit_before"]
+    metrics = sidecar["Metrics"]
+    assert metrics["registration_misfit_after"] == pytest.approx(ref["misfit_after"])
+    assert 0.0 <= metrics["registration_spread_mm"] < 1.25
+    written = np.linalg.inv(read_itk_affine(next(anat.glob("*_from-T2w_to-T1w_mode-image_xfm.txt"))))
+    assert np.allclose(written, np.asarray(ref["refined_target2t1w"]), atol=1e-4)
+    mask = nib.load(str(tiny_sample.truth_mask))
+    surf = surface_points(np.asarray(mask.dataobj) > 0, mask.affine)
+    truth = np.asarray(tiny_sample.target2t1w)
+    refined = max_displacement_mm(written, truth, surf)
+    assert refined < 1.25  # half a 2.5 mm T1w voxel
+    assert refined <= max_displacement_mm(np.asarray(ref["initial_target2t1w"]), truth, surf) + 0.1
