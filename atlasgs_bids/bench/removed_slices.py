@@ -210,7 +210,8 @@ def run_removed_slice_case(case: RemovedSliceCase, options: AppearanceOptions | 
 
 def coronal_band_figure(pair: RealPair, path: str | Path, options: dict[str, AppearanceOptions], *,
                         y_centre: int = 128, half_width: int = 10) -> dict:
-    """A through-plane (coronal) view of stage 2 on the whole target, one panel per set of options, side by side.
+    """A through-plane (coronal) view of stage 2 on the whole target, one panel per set of options, side by side,
+    after a panel of cubic interpolation of the target (what the thick slices themselves show).
 
     The scaffold is a lattice on a coronal band of the T1w (voxel axis 1 in ``y_centre +- half_width``, the whole
     brain in the other two axes), so one fit costs about a minute instead of the whole brain's six; the panel is the
@@ -241,10 +242,17 @@ def coronal_band_figure(pair: RealPair, path: str | Path, options: dict[str, App
         stats[name] = {"min": float(inside.min()), "max": float(inside.max()), "n_negative": int((inside < 0).sum()),
                        "p999": float(p999), "lam": used["lam"], "w_floor": used["w_floor"]}
         panels.append((name, vol[:, half_width], (float(p5), float(p999))))
+    from atlasgs_bids.bench.baselines import interpolate_cubic
+
+    cubic = interpolate_cubic(pair.target, pair.target2t1w @ pair.target_affine, band_affine, band_mask.shape)
+    panels.insert(0, ("cubic interpolation of the PDw", np.where(band_mask, cubic, 0.0)[:, half_width],
+                      panels[0][2]))
+    stats["cubic"] = {"min": float(cubic[band_mask].min()), "max": float(cubic[band_mask].max())}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6))
     for ax, (name, img, (lo_v, hi_v)) in zip(np.atleast_1d(axes), panels):
         ax.imshow(img.T, origin="lower", cmap="gray", vmin=lo_v, vmax=hi_v, interpolation="nearest")
-        ax.set_title(f"{name}\nrange {stats[name]['min']:.0f} to {stats[name]['max']:.0f}", fontsize=9)
+        key = "cubic" if name.startswith("cubic") else name
+        ax.set_title(f"{name}\nrange {stats[key]['min']:.0f} to {stats[key]['max']:.0f}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(str(path), dpi=90)

@@ -194,7 +194,9 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device):
                                      core.AppearanceOptions.preset(quality), device=device)
     pred = core.render(appearance, subject.affine, subject.shape, device=device, mask=subject.mask)
     diag = dict(getattr(appearance, "diagnostics", {}) or {})
-    params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds") if k in diag}
+    params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
+    options = diag.get("options") or {}
+    params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)
     params["n_gaussians"] = int(scaffold.n_gaussians)
     return np.asarray(pred, dtype=np.float32), params
 
