@@ -19,8 +19,8 @@ What fits one target is measured on that target:
    are a noisy score, and one that favours smoothing: a held-out slice is two spacings from its kept neighbours,
    the real task one).
 
-When no such slab exists (a thin target, or one whose brain lies within the QC slabs) the options are used as
-given and the record says why.
+When no such slab exists (a thin target, or one whose brain lies within the QC slabs) the noise-set ``lam_c`` and
+the preset's floor are used, and the record says why (``chosen`` is None).
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     Returns
     -------
     (options with the chosen ``lam`` and ``w_floor`` and ``tune=False``, a JSON-safe record: noise estimate,
-    slab, every candidate's held-out PSNR/NCC, the choice, seconds; ``chosen`` is None when not tuned)
+    ``lam_centre``, slab, every candidate's held-out PSNR/NCC, the choice, seconds; ``chosen`` is None when no
+    held-out search ran, and then ``lam`` is ``lam_centre``)
     """
     t0 = time.perf_counter()
     base = replace(options, tune=False)
