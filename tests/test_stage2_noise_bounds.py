@@ -248,3 +248,25 @@ def test_bids_chris_removed_slices_beat_cubic_without_negatives(shared_data, tmp
     assert res["atlasgs"]["ncc"] > res["cubic"]["ncc"]
     assert res["n_negative"] == 0
     assert res["max"] <= 1.5 * 1.02 * res["p999"]
+
+
+def test_preset_lambda_follows_the_target_noise() -> None:
+    """``noise_lam`` (every preset): lambda >= 100 sigma_n^2 from the target's own noise estimate, no extra fit."""
+    from atlasgs_bids.gaussians.appearance import noise_set_lambda
+
+    t1, t2, mask, affine = _tissue()
+    scaffold = lattice_scaffold(t1, affine, mask)
+    thick, _, acq = simulate_thick_slices(t2, affine, FACTOR)
+    used = []
+    for sigma in (0.0, 60.0):
+        noisy = np.hypot(thick + np.random.default_rng(8).normal(0, sigma, thick.shape),
+                         np.random.default_rng(9).normal(0, sigma, thick.shape)).astype(np.float32)
+        fast = dataclasses.replace(AppearanceOptions.preset("fast"), max_iter=5)
+        app = fit_appearance(scaffold, noisy, acq, np.eye(4), fast)
+        used.append(app.diagnostics["options"]["lam"])
+        assert used[-1] == pytest.approx(noise_set_lambda(0.003, app.diagnostics["noise_sigma_normalised"]))
+    # Noiseless: the phantom's edges alone (a 24^3 sphere, most voxels near an edge) read as sigma_n ~ 0.008, so
+    # lambda rises a little (measured 0.0062); with noise SD 60 (7.5 % of the brightest tissue) far more.
+    assert used[0] < 0.01
+    assert used[1] > 3 * used[0]
+    assert noise_set_lambda(0.003, float("nan")) == 0.003

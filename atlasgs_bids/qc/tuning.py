@@ -6,14 +6,13 @@ What fits one target is measured on that target:
 
 1. Noise. The target's noise SD is estimated from its own slices (:func:`~atlasgs_bids.imaging.noise.noise_sigma_inplane`,
    inside the fitted voxels, normalised like the fit). It sets the centre of the lambda grid:
-   ``lam_c = max(options.lam, NOISE_LAM_GAIN * sigma_n^2)`` (the MAP weight of a Gaussian prior grows as the noise
-   variance; the gain is calibrated so that bids-chris's PDw, sigma_n = 0.0098, centres on 0.01).
+   ``lam_c`` = :func:`~atlasgs_bids.gaussians.appearance.noise_set_lambda` (``max(options.lam, 100 sigma_n^2)``).
 2. Held-out slices. A slab of ``TUNE_HELDOUT`` held-out slices, every ``TUNE_EVERY``-th, with kept slices around
    them, in an in-plane box of ``box_mm`` (bounds the cost), chosen OUTSIDE every slab the QC self-validation
    (:func:`~atlasgs_bids.qc.selfval.self_validate`, any seed) can use: the slices that choose cannot be the
    slices that score. Candidates are fitted on the kept slices and scored on the held-out ones (PSNR, through the
    target's slice profile, :func:`~atlasgs_bids.qc.selfval.heldout_fit`).
-3. Search. Coordinate search, 5 fits: the Laplacian weight floor over :data:`FLOOR_GRID` at ``lam_c``, then lambda
+3. Search. Coordinate search, 4 fits: the Laplacian weight floor over :data:`FLOOR_GRID` at ``lam_c``, then lambda
    over ``lam_c x`` :data:`LAM_FACTORS` at the chosen floor. A candidate replaces the default (the preset's floor,
    0, and ``lam_c``) only when its held-out PSNR is higher by more than :data:`MIN_GAIN_DB` (a few held-out slices
    are a noisy score, and one that favours smoothing: a held-out slice is two spacings from its kept neighbours,
@@ -30,15 +29,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_voxels
+from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_voxels, noise_set_lambda
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.intensity import fit_intensity_scale
 from atlasgs_bids.imaging.noise import noise_sigma_inplane
 from atlasgs_bids.qc import selfval
 
-#: lam_c = max(lam, NOISE_LAM_GAIN * sigma_n^2), sigma_n the target's noise SD in normalised units (99th pct = 1).
-NOISE_LAM_GAIN = 100.0
 #: Floors of the T1w-similarity factor of the Laplacian weights tried.
 FLOOR_GRID = (0.0, 0.01)
 #: Multiples of lam_c tried (at the best floor); 1 is tried with the floors.
@@ -111,7 +108,7 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     held-out search ran, and then ``lam`` is ``lam_centre``)
     """
     t0 = time.perf_counter()
-    base = replace(options, tune=False)
+    base = replace(options, tune=False, noise_lam=False)  # the candidates' lambdas are used as they are
     vol = np.asarray(data, dtype=np.float32)
     vol = vol[..., 0] if vol.ndim == 4 else vol
     axis = int(acquisition.slice_axis)
@@ -126,7 +123,7 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     scale = fit_intensity_scale(vol[fitted]).scale
     sigma = noise_sigma_inplane(vol, fitted, axis)
     sigma_n = sigma / scale
-    lam_c = float(max(options.lam, NOISE_LAM_GAIN * sigma_n**2)) if np.isfinite(sigma_n) else float(options.lam)
+    lam_c = noise_set_lambda(options.lam, sigma_n)
     record.update(noise_sigma=sigma, noise_sigma_normalised=sigma_n, lam_centre=lam_c)
 
     counts = np.bincount(eligible[:, axis], minlength=vol.shape[axis])
