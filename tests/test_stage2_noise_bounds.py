@@ -151,6 +151,7 @@ def test_no_negative_voxel_and_no_overshoot(noisy_gapped) -> None:
     assert inside.min() >= 0.0
     assert inside.max() <= AppearanceOptions().upper * p999 * 1.02  # per Gaussian; the render may exceed it by ~1 %
     assert app.diagnostics["bounds"]["lower"] == 0.0
+    assert app.diagnostics["bounds"]["rounding"] < 1e-5  # only float32 rounding is snapped onto the bounds
 
 
 def test_unbounded_fit_would_go_negative_here(noisy_gapped) -> None:

@@ -336,7 +336,7 @@ def fit_appearance(
         "h_used": h_used,
         "tuning": tuning,
         "bounds": {**bound_info, "n_outside_after_cg": info.get("n_at_bound_cg"),
-                   "iterations": info.get("bound_iterations", 0)},
+                   "iterations": info.get("bound_iterations", 0), "rounding": info.get("bound_rounding")},
     }
     return Appearance(
         scaffold=scaffold,
