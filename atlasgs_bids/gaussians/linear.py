@@ -16,6 +16,8 @@ Because every Gaussian is non-negative everywhere, ``c >= 0`` makes the field it
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from atlasgs_bids.gaussians.solve import conjugate_gradient, projected_gradient
@@ -75,7 +77,6 @@ def fit_coefficients(
         normal, rhs, precond, x0=None if v0 is None else v0.reshape(-1, n_vol), max_iter=max_iter, tol=tol
     )
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
-        lower, upper = bounds
         c = expand(v)
         lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)
         outside = torch.zeros_like(c, dtype=torch.bool)
@@ -98,13 +99,12 @@ def fit_coefficients(
 
 
 def _slab_projection(basis: torch.Tensor, scale: torch.Tensor, lower: torch.Tensor | None,
-                     upper: torch.Tensor | None, n_vol: int):
+                     upper: torch.Tensor | None, n_vol: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Projection onto ``lower_i <= sum_k basis_ik v_ik <= upper_i`` in the norm weighted by ``1 / scale``.
 
     ``basis``, ``scale`` [N, nb]; ``lower``, ``upper`` [N, V] or None; unknowns laid out [N * nb, V]. For one
-    Gaussian the set is a slab with normal
-    ``w = basis_i``; the nearest point of ``z`` in the ``diag(scale)^-1`` metric is
-    ``z - (w.z - clamp(w.z)) / (w^T S w) * S w``.
+    Gaussian the set is a slab with normal ``w = basis_i``; the nearest point of ``z`` in the ``diag(scale)^-1``
+    metric is ``z - (w.z - clamp(w.z)) / (w^T S w) * S w``.
     """
     n, nb = basis.shape
     sw = scale * basis  # [N, nb]
