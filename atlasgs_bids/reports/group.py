@@ -27,8 +27,8 @@ MIN_ROWS = 4
 REL_FLOOR = 0.01
 #: Metrics checked for outliers (when present in the table), with the direction that is bad (for the captions).
 OUTLIER_METRICS: dict[str, str] = {
-    "registration_ncc": "low", "registration_mask_dice": "low", "heldout_psnr": "low", "heldout_ncc": "low",
-    "heldout_mae": "high", "heldout_gain_db": "low", "relative_residual": "high", "runtime_seconds": "high",
+    "registration_ncc": "low", "registration_mask_dice": "low", "registration_spread_mm": "high",
+    "heldout_psnr": "low", "heldout_ncc": "low", "heldout_mae": "high", "heldout_gain_db": "low", "relative_residual": "high", "runtime_seconds": "high",
 }
 
 
@@ -139,7 +139,8 @@ def row_order(row: dict[str, Any]) -> int:
         return 1
     flagged = row.get("qc_flags") not in (None, "", "n/a") or row.get("outliers") not in (None, "", "n/a")
     return 2 if flagged else 3
-_SHORT = {"registration_ncc": "reg NCC", "registration_mask_dice": "reg Dice", "heldout_psnr": "held-out PSNR",
+_SHORT = {"registration_ncc": "reg NCC", "registration_mask_dice": "reg Dice",
+          "registration_spread_mm": "reg spread (mm)", "heldout_psnr": "held-out PSNR",
           "heldout_ncc": "held-out NCC", "heldout_mae": "held-out MAE", "heldout_cubic_psnr": "cubic PSNR",
           "heldout_gain_db": "gain (dB)", "relative_residual": "rel. residual", "runtime_seconds": "runtime (s)"}
 
