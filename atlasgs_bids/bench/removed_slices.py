@@ -260,6 +260,19 @@ def coronal_band_figure(pair: RealPair, path: str | Path, options: dict[str, App
     return stats
 
 
+def _parse_option(value: str, current: object) -> object:
+    """``--set`` value as the type of the option's current value ("none" -> None; booleans: 1/0, true/false)."""
+    if value.lower() == "none":
+        return None
+    if isinstance(current, bool):
+        if value.lower() not in ("1", "0", "true", "false"):
+            raise SystemExit(f"boolean option value must be 1, 0, true or false, got {value!r}")
+        return value.lower() in ("1", "true")
+    if isinstance(current, (int, float, str)):
+        return type(current)(value)
+    return float(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m atlasgs_bids.bench.removed_slices --data ../shared/data/bids-chris --cache /tmp/chris``."""
     import argparse
@@ -286,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             name, value = item.split("=", 1)
             if name not in names:
                 raise SystemExit(f"unknown AppearanceOptions field {name!r}")
-            current = getattr(opts, name)
-            over[name] = None if value == "none" else type(current)(value) if current is not None else float(value)
+            over[name] = _parse_option(value, getattr(opts, name))
         opts = dataclasses.replace(opts, **over)
     case = make_removed_slice_case(load_bids_chris(args.data, args.cache), first_slice=args.first_slice,
                                    n_kept=args.n_kept, crop_vox=args.crop)
