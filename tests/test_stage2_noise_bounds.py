@@ -271,3 +271,18 @@ def test_preset_lambda_follows_the_target_noise() -> None:
     assert used[0] < 0.01
     assert used[1] > 3 * used[0]
     assert noise_set_lambda(0.003, float("nan")) == 0.003
+
+
+def test_tuning_slab_avoids_every_qc_slab() -> None:
+    from atlasgs_bids.qc.selfval import MARGIN, choose_heldout_slices
+    from atlasgs_bids.qc.tuning import qc_slices, tuning_slab
+
+    counts = np.r_[np.zeros(3), np.full(40, 500), np.zeros(3)].astype(int)
+    excluded = qc_slices(counts)
+    held, (first, last) = tuning_slab(counts, excluded)
+    assert first < held[0] < held[1] < last and held[1] - held[0] == 2  # K H K H K
+    assert np.all(counts[first:last + 1] > 0) and not excluded[first:last + 1].any()
+    for seed in range(20):  # whatever seed the QC uses, its fitted slab never overlaps the tuning slab
+        qc = choose_heldout_slices(counts, seed=seed)
+        assert qc[-1] + MARGIN < first or qc[0] - MARGIN > last
+    assert tuning_slab(np.full(6, 9), np.ones(6, dtype=bool)) is None
