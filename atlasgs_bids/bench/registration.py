@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ LOG = logging.getLogger("atlasgs_bids.bench")
 
 #: A case is a miss when its transform is off by more than this (the QC should flag it).
 MISS_DEG, MISS_MM = 1.0, 1.0
+#: The deliberate miss injected into every case to measure the QC's hit rate: the app's transform turned by
+#: 1 deg about the brain centre and shifted by 1 mm (both along a seeded random axis).
+INJECT_DEG, INJECT_MM = 1.0, 1.0
 
 
 @dataclass(frozen=True)
@@ -213,13 +217,26 @@ def score_case(case: RegCase, data: CaseData, *, psnr: bool) -> dict:
     qc = registration_qc(data.t1w, data.mask, data.target, al.target2t1w)
     stab = restart_spread(data.t1w, data.mask, data.target, al.target2t1w, data.acquisition)
     t_qc = time.perf_counter() - t1
+    # a deliberate miss of about 1 deg / 1 mm on top of the app's answer: the QC should flag it
+    from atlasgs_bids.imaging.refine import rigid_update
+
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    axis_r, axis_t = (np.asarray(_unit(rng)) for _ in range(2))
+    centre = brain_centre(mask, data.t1w.affine)
+    injected = rigid_update(np.concatenate([np.radians(INJECT_DEG) * axis_r, INJECT_MM * axis_t]), centre) \
+        @ al.target2t1w
+    inj_rot, inj_disp = errors(injected)
+    stab_inj = restart_spread(data.t1w, data.mask, data.target, injected, data.acquisition)
     missed = rot_err > MISS_DEG or disp > MISS_MM
     flagged = bool(qc["flag"] or qc["failed"] or stab["flag"])
     row = {**asdict(case), "rotation_error_deg": rot_err, "surface_displacement_mm": disp,
            "ants_rotation_error_deg": ants_rot, "ants_surface_displacement_mm": ants_disp,
            "refined": al.refined, "refinement": None if al.refinement is None else al.refinement.to_dict(),
            "mattes_mi": al.ants.metric, "mattes_mi_initial": al.ants.parameters.get("metric_initial"),
-           "edge_ncc": qc["ncc"], "spread_mm": stab["spread_mm"], "qc_flagged": flagged, "missed": missed,
+           "edge_ncc": qc["ncc"], "spread_mm": stab["spread_mm"], "spread_threshold_mm": stab["warn_threshold_mm"],
+           "qc_flagged": flagged, "missed": missed,
+           "injected_rotation_error_deg": inj_rot, "injected_surface_displacement_mm": inj_disp,
+           "injected_spread_mm": stab_inj["spread_mm"], "injected_flagged": bool(stab_inj["flag"]),
            "align_seconds": t_align, "refine_seconds": None if al.refinement is None else al.refinement.seconds,
            "qc_seconds": t_qc}
     if psnr:
@@ -250,6 +267,8 @@ def summarise(rows: list[dict]) -> dict:
         "missed": len(missed), "missed_flagged": sum(r["qc_flagged"] for r in missed),
         "false_alarms": sum(r["qc_flagged"] for r in fine), "not_missed": len(fine),
         "refine_over_stage2_fast": float(np.median(ratio)) if ratio else None,
+        "injected": sum("injected_flagged" in r for r in rows),
+        "injected_flagged": sum(bool(r.get("injected_flagged")) for r in rows),
     }
 
 
@@ -269,10 +288,12 @@ def write_markdown(path: Path, report: dict, command: str) -> None:
         f"{_f(s['max_surface_displacement_mm'])} mm (antspyx alone: median "
         f"{_f(s['ants_median_surface_displacement_mm'])} mm)",
         f"- misses (> {MISS_DEG:g} deg or {MISS_MM:g} mm): {s['missed']}, flagged {s['missed_flagged']}; "
-        f"false alarms {s['false_alarms']}/{s['not_missed']}", "",
+        f"false alarms {s['false_alarms']}/{s['not_missed']}; deliberate misses ({INJECT_DEG:g} deg + {INJECT_MM:g} mm "
+        f"on top of each answer) flagged: {s['injected_flagged']}/{s['injected']}", "",
         "| case | source | rot deg | shift mm | oblique deg | storage | x | axis | rot err deg | surf mm | "
-        "antspyx surf mm | spread mm | edge NCC | QC | PSNR est / true (dB) | align s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "antspyx surf mm | spread mm | edge NCC | QC | injected miss: surf mm, spread mm, QC | "
+        "PSNR est / true (dB) | align s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["cases"]:
         psnr = (f"{_f(r.get('psnr_estimated'))} / {_f(r.get('psnr_true_transform'))}"
@@ -282,7 +303,9 @@ def write_markdown(path: Path, report: dict, command: str) -> None:
             f"{_f(float(np.linalg.norm(r['translation_mm'])), '.1f')} | {_f(r['oblique_deg'], '.1f')} | "
             f"{r['storage']} | {r['factor']} | {r['slice_axis']} | {_f(r['rotation_error_deg'], '.3f')} | "
             f"{_f(r['surface_displacement_mm'])} | {_f(r['ants_surface_displacement_mm'])} | "
-            f"{_f(r['spread_mm'])} | {_f(r['edge_ncc'])} | {'flag' if r['qc_flagged'] else 'ok'} | {psnr} | "
+            f"{_f(r['spread_mm'])} | {_f(r['edge_ncc'])} | {'flag' if r['qc_flagged'] else 'ok'} | "
+            f"{_f(r.get('injected_surface_displacement_mm'))}, {_f(r.get('injected_spread_mm'))}, "
+            f"{'flag' if r.get('injected_flagged') else 'ok'} | {psnr} | "
             f"{_f(r['align_seconds'], '.0f')} |")
     path.write_text("\n".join(lines) + "\n")
 
