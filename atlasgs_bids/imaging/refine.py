@@ -21,7 +21,7 @@ sum_j beta_kj P_j(x)`` lets that map vary linearly across the field of view (a b
 the model is linear in ``beta`` (solved by least squares, the variable projection); the six rigid parameters are
 refined by Gauss-Newton (Levenberg-Marquardt damping) on the robust (Huber, IRLS) misfit, coarse to fine. The
 appearance is a T1w intensity map rather than a stage-2 fit, so the refinement costs seconds and does not depend on
-an appearance that was itself fitted under the wrong transform (see docs/adr/0005-registration.md).
+an appearance that was itself fitted under the wrong transform (see docs/adr/0006-registration-refinement.md).
 """
 from __future__ import annotations
 
