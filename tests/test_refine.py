@@ -89,7 +89,7 @@ def test_jacobian_matches_finite_differences():
     jac = prob.jacobian(pts, i0, beta, centre)
 
     def predict(params):
-        design, _, _ = prob.features(prob._sample(prob.vol, prob.points(rigid_update(params, centre) @ m0)))
+        design, _ = prob.features(prob._sample(prob.vol, prob.points(rigid_update(params, centre) @ m0)))
         return design @ beta  # the intensity map held fixed, as in the Jacobian
 
     eps = np.array([1e-4] * 3 + [1e-3] * 3)

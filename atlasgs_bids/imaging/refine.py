@@ -35,7 +35,7 @@ from scipy import ndimage
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
 
 __all__ = ["RefineOptions", "RefineResult", "refine_rigid", "rigid_update", "surface_points",
-           "max_displacement_mm", "brain_centre"]
+           "max_displacement_mm", "brain_centre", "dilate_mm"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class RefineOptions:
     bias_order : 0 (one global map), 1 or 2 (the map varies linearly / quadratically across the field of view)
     mask_dilate_mm : the brain mask is dilated by this much to choose voxels (the brain's edge counts)
     huber : Huber threshold in robust standard deviations (1.4826 MAD of the residuals)
-    map_grid : G > 1: the intensity map varies over a G x G x G grid of nodes (trilinear) instead of a polynomial
     profile_points : Gauss-Hermite points per (sub-)slice profile; 0 chooses them so that they are about one T1w
         voxel apart (5 to 21): too few points alias the T1w's detail into a bias (measured: 5 points on 5 mm
         slices, 0.23 mm; 15 points, 0.08 mm)
@@ -67,7 +66,6 @@ class RefineOptions:
     huber: float = 2.0
     tol_mm: float = 0.01
     interp_order: int = 3
-    map_grid: int = 0
     profile_points: int = 0
     seed: int = 0
 
@@ -146,6 +144,18 @@ def max_displacement_mm(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> flo
     return float(np.linalg.norm(pa - pb, axis=1).max()) if len(points) else 0.0
 
 
+def dilate_mm(mask: np.ndarray, zooms: np.ndarray, radius_mm: float) -> np.ndarray:
+    """``mask`` (bool) dilated by a ball of ``radius_mm`` (mm) on a grid of voxel sizes ``zooms`` (mm); unchanged
+    for a radius <= 0."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius_mm <= 0:
+        return mask
+    zooms = np.asarray(zooms, dtype=float)
+    grid = np.ogrid[tuple(slice(-n, n + 1) for n in np.ceil(radius_mm / zooms).astype(int))]
+    ball = sum((g * z) ** 2 for g, z in zip(grid, zooms)) <= radius_mm ** 2
+    return ndimage.binary_dilation(mask, structure=ball)
+
+
 def brain_centre(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Centre of the brain mask, world mm RAS."""
     return nib.affines.apply_affine(np.asarray(affine, float), np.argwhere(mask).mean(axis=0))
@@ -190,13 +200,7 @@ class _Problem:
         self.t1_affine = np.asarray(t1_affine, float)
         self.t1_inv = np.linalg.inv(self.t1_affine)
         self.t1_vox = float(np.linalg.norm(self.t1_affine[:3, :3], axis=0).min())
-        zooms = np.linalg.norm(self.t1_affine[:3, :3], axis=0)
-        inside = mask
-        if opts.mask_dilate_mm > 0:
-            r = np.ceil(opts.mask_dilate_mm / zooms).astype(int)
-            grid = np.ogrid[tuple(slice(-n, n + 1) for n in r)]
-            ball = sum((g * z) ** 2 for g, z in zip(grid, zooms)) <= opts.mask_dilate_mm ** 2
-            inside = ndimage.binary_dilation(mask, structure=ball)
+        inside = dilate_mm(mask, np.linalg.norm(self.t1_affine[:3, :3], axis=0), opts.mask_dilate_mm)
         lo, hi = np.percentile(t1[mask], [0.5, 99.5])
         self.t1n = np.clip((t1 - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
         # target voxels whose centre falls in the dilated brain under the initial transform
@@ -214,30 +218,17 @@ class _Problem:
         self.ijk = ijk
         self.y_full = y
         self.x_target = nib.affines.apply_affine(acq.affine, ijk)  # target world mm
-        axis_dir = acq.affine[:3, acq.slice_axis] / acq.zooms[acq.slice_axis]
-        self.axis_dir = axis_dir
+        self.axis_dir = acq.affine[:3, acq.slice_axis] / acq.zooms[acq.slice_axis]
         # bias basis: 1 and the target-world coordinates, scaled to about [-1, 1]
         c = self.x_target.mean(axis=0)
         s = max(float(np.abs(self.x_target - c).max()), 1.0)
         u = (self.x_target - c) / s
-        if opts.map_grid > 1:  # trilinear weights of a G x G x G grid of nodes over the voxels' box
-            lo_u, hi_u = u.min(axis=0), u.max(axis=0)
-            g = (u - lo_u) / np.maximum(hi_u - lo_u, 1e-9) * (opts.map_grid - 1)
-            i0 = np.clip(np.floor(g).astype(int), 0, opts.map_grid - 2)
-            f = g - i0
-            self.poly = np.zeros((len(ijk), opts.map_grid ** 3))
-            for corner in np.ndindex(2, 2, 2):
-                wgt = np.prod([f[:, a] if corner[a] else 1 - f[:, a] for a in range(3)], axis=0)
-                node = np.ravel_multi_index(tuple(i0[:, a] + corner[a] for a in range(3)), (opts.map_grid,) * 3)
-                self.poly[np.arange(len(ijk)), node] += wgt
-        else:
-            terms = [np.ones(len(ijk))]
-            if opts.bias_order >= 1:
-                terms += [u[:, a] for a in range(3)]
-            if opts.bias_order >= 2:
-                terms += [u[:, a] * u[:, b] for a in range(3) for b in range(a, 3)]
-            self.poly = np.stack(terms, axis=1)
-        self.level = None
+        terms = [np.ones(len(ijk))]
+        if opts.bias_order >= 1:
+            terms += [u[:, a] for a in range(3)]
+        if opts.bias_order >= 2:
+            terms += [u[:, a] * u[:, b] for a in range(3) for b in range(a, 3)]
+        self.poly = np.stack(terms, axis=1)
 
     def set_level(self, sigma_mm: float) -> None:
         """Prepare the blurred T1w, its gradient and the blurred data for one level (extra blur ``sigma_mm``)."""
@@ -260,7 +251,6 @@ class _Problem:
         self.y = y[tuple(self.ijk.T)].astype(np.float64)
         offs, w = _profile_quadrature(acq, self.t1_vox, sigma_mm, self.opts.profile_points)
         self.offs, self.w = offs, w
-        self.level = sigma_mm
 
     def points(self, m: np.ndarray) -> np.ndarray:
         """Quadrature points [V, Q, 3] in T1w world for the map ``m`` (target -> T1w world)."""
@@ -272,8 +262,9 @@ class _Problem:
         return ndimage.map_coordinates(vol, vox.T, order=self.opts.interp_order, mode="nearest",
                                        prefilter=False).reshape(pts.shape[:-1])
 
-    def features(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Hat-function design at intensities ``s`` [V, Q]: features [V, K*J] and the pieces for derivatives."""
+    def features(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hat-function design at intensities ``s`` [V, Q]: features [V, K*J], and each point's knot interval [V, Q]
+        (for the derivatives)."""
         k = self.opts.n_bins
         u = s * (k - 1)
         i0 = np.clip(np.floor(u).astype(int), 0, k - 2)
@@ -283,7 +274,7 @@ class _Problem:
         hat = (np.bincount(flat, weights=((1 - f) * self.w[None, :]).ravel(), minlength=v * k)
                + np.bincount(flat + 1, weights=(f * self.w[None, :]).ravel(), minlength=v * k)).reshape(v, k)
         design = (hat[:, :, None] * self.poly[:, None, :]).reshape(v, -1)
-        return design, i0, f
+        return design, i0
 
     def solve_map(self, design: np.ndarray, weights: np.ndarray, rhs: np.ndarray | None = None) -> np.ndarray:
         """Weighted least squares of ``rhs`` (default the data) on the design: the intensity map's coefficients."""
@@ -303,7 +294,7 @@ class _Problem:
     def evaluate(self, m: np.ndarray, weights: np.ndarray | None = None):
         pts = self.points(m)
         s = self._sample(self.vol, pts)
-        design, i0, f = self.features(s)
+        design, i0 = self.features(s)
         w = np.ones(len(self.y)) if weights is None else weights
         beta = self.solve_map(design, w)
         r = self.y - design @ beta

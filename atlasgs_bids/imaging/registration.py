@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from atlasgs_bids.errors import InputError, ProcessingError
+from atlasgs_bids.imaging.refine import dilate_mm
 from atlasgs_bids.imaging.transforms import ras_to_itk, read_itk_affine, write_itk_affine
 
 __all__ = ["RigidResult", "Alignment", "register_rigid", "align_to_t1w", "apply_rigid", "to_ants"]
@@ -254,12 +255,7 @@ def register_rigid(
         mask = np.asarray(fixed_mask.dataobj).reshape(fixed_data.shape) > 0
         if not mask.any():
             raise InputError(f"{mname}: the brain mask is empty")
-        if mask_dilate_mm > 0:
-            zooms = np.linalg.norm(fixed.affine[:3, :3], axis=0)
-            radius = np.ceil(mask_dilate_mm / zooms).astype(int)
-            grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-            ball = sum((g * z) ** 2 for g, z in zip(grid, zooms)) <= mask_dilate_mm ** 2
-            mask = ndimage.binary_dilation(mask, structure=ball)
+        mask = dilate_mm(mask, np.linalg.norm(fixed.affine[:3, :3], axis=0), mask_dilate_mm)
         mask_ants, _ = to_ants(fixed, mask.astype(np.float32))
 
     fixed_vox = float(np.min(np.linalg.norm(fixed.affine[:3, :3], axis=0)))

@@ -29,24 +29,24 @@ def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLi
     from atlasgs_bids.imaging.transforms import read_itk_affine
     from atlasgs_bids.qc.registration import registration_qc, restart_spread
 
-    target2t1w = np.linalg.inv(read_itk_affine(xfm_file))
-    t1w, mask, ref = nib.load(str(t1w_file)), nib.load(str(mask_file)), nib.load(str(ref_file))
-    out = registration_qc(t1w, mask, ref, target2t1w)
-    acq = Acquisition.from_geometry(ref.affine, ref.shape[:3], slice_thickness=slice_thickness)
-    stability = restart_spread(t1w, mask, ref, target2t1w, acq) if not out["failed"] else None
-    out["stability"] = stability
     reg = json.loads(Path(registration_report).read_text()) if registration_report else {}
-    out["mattes_mi"] = reg.get("metric")
-    out["mattes_mi_initial"] = reg.get("metric_initial")
-    out["refinement"] = reg.get("refinement")
-    out["refined"] = reg.get("refined")
-    out["registration_seconds"] = reg.get("seconds")
     mi, mi0 = reg.get("metric"), reg.get("metric_initial")
     if mi is not None and mi0 is not None and mi <= mi0 and not reg.get("refined"):
         raise ProcessingError(
             f"{target_name}: registration to the T1w failed: antspyx ended with a mutual information ({mi:.4f}) no "
             f"better than at its centre-of-mass start ({mi0:.4f}), and the slice-aware refinement did not lower "
             "the misfit either; check the target's orientation/header, or its field of view")
+    target2t1w = np.linalg.inv(read_itk_affine(xfm_file))
+    t1w, mask, ref = nib.load(str(t1w_file)), nib.load(str(mask_file)), nib.load(str(ref_file))
+    out = registration_qc(t1w, mask, ref, target2t1w)
+    acq = Acquisition.from_geometry(ref.affine, ref.shape[:3], slice_thickness=slice_thickness)
+    # the restarts cost two refinements: not spent on a registration that has already failed
+    out["stability"] = restart_spread(t1w, mask, ref, target2t1w, acq) if not out["failed"] else None
+    out["mattes_mi"] = mi
+    out["mattes_mi_initial"] = mi0
+    out["refinement"] = reg.get("refinement")
+    out["refined"] = reg.get("refined")
+    out["registration_seconds"] = reg.get("seconds")
     if out["failed"]:
         raise ProcessingError(
             f"{target_name}: registration to the T1w failed: edge NCC {out['ncc']:.3f} inside the T1w brain mask "
