@@ -23,6 +23,7 @@ from atlasgs_bids.gaussians.field import CUTOFF, blur, measure, quat_scale_to_co
 from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, voxel_centres
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
+from atlasgs_bids.imaging.grid import Grid
 from atlasgs_bids.gaussians.spatial_hash import build_hash
 from atlasgs_bids.imaging.intensity import fit_intensity_scale
 
@@ -113,6 +114,11 @@ class Scaffold:
     def t1w_affine(self) -> np.ndarray:
         """(4, 4) voxel -> T1w world mm RAS of the grid the scaffold was fitted on."""
         return np.asarray(self.meta["t1w_affine"], dtype=np.float64)
+
+    @property
+    def t1w_grid(self) -> Grid:
+        """The T1w voxel grid the scaffold was built on (T1w world mm RAS)."""
+        return Grid(self.t1w_affine, tuple(self.mask.shape))
 
     @property
     def n_gaussians(self) -> int:

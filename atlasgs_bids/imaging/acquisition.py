@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from nibabel.affines import voxel_sizes
+
+from atlasgs_bids.imaging.grid import Grid
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))  # sigma = FWHM / 2.3548
 
@@ -61,9 +64,14 @@ class Acquisition:
         object.__setattr__(self, "fwhm_vox", tuple(float(f) for f in self.fwhm_vox))
 
     @property
+    def grid(self) -> Grid:
+        """The target's voxel grid in its own world frame."""
+        return Grid(self.affine, self.shape)
+
+    @property
     def zooms(self) -> np.ndarray:
-        """(3,) voxel spacing in mm: the column norms of the affine's 3x3 part."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        """(3,) voxel spacing in mm."""
+        return self.grid.zooms
 
     @classmethod
     def from_geometry(
@@ -80,7 +88,7 @@ class Acquisition:
         The slice axis is the voxel axis with the largest spacing. In plane, FWHM = one voxel.
         """
         affine = np.asarray(affine, dtype=np.float64)
-        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        zooms = voxel_sizes(affine)
         slice_axis = int(np.argmax(zooms))
         fwhm = [1.0, 1.0, 1.0]
         if slice_thickness is not None:
