@@ -15,7 +15,6 @@ the thread count, except for the bitwise reproducibility that one test below che
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -240,18 +239,13 @@ def test_4d_series_is_one_solve_that_equals_separate_solves(phantom, scaffold) -
     # 1e-4 and 1e-5).
     opts = AppearanceOptions(tol=0.0, max_iter=60)
 
-    t0 = time.process_time()
     series_app = fit_appearance(scaffold, thick, acq, np.eye(4), opts)
-    t_series = time.process_time() - t0
     series_out = render(series_app, affine, SHAPE)
     assert series_out.shape == SHAPE + (30,)
     assert series_app.diagnostics["iterations"] == 60
 
-    t_single = []
-    for v in (0, 17):
-        t0 = time.process_time()
+    for v in (0, 17):  # the cost of a series is a benchmark figure (bench --series), not asserted here
         app = fit_appearance(scaffold, thick[..., v], acq, np.eye(4), opts)
-        t_single.append(time.process_time() - t0)
         single_out = render(app, affine, SHAPE)
         rng = np.ptp(single_out[mask])
         # Same arithmetic up to the intensity scale (one per series vs one per volume; CG is scale-equivariant) and
@@ -261,11 +255,6 @@ def test_4d_series_is_one_solve_that_equals_separate_solves(phantom, scaffold) -
         diff = np.abs(series_out[..., v] - single_out)[mask]
         assert diff.max() < 1e-2 * rng
         assert diff.mean() < 1e-3 * rng
-
-    # CPU time (one thread), not wall time: robust to other processes on a shared machine. The 30 volumes share the
-    # measurement matrix, the Laplacian and the CG loop. Measured ratio 2.7 here (60 iterations) and 6.4 at 400
-    # iterations, where the 30-column products dominate.
-    assert t_series < 10.0 * min(t_single)
 
 
 # ------------------------------------------------------------------------------------------------------------------

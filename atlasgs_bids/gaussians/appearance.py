@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.field import measure
-from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, target_vox2t1w, voxel_centres
+from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_measure, scaffold_operator, target_vox2t1w,
+                                            voxel_centres)
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
@@ -178,24 +178,36 @@ def _candidate_voxels(scaffold: Scaffold, vox2t1w: np.ndarray, acquisition: Acqu
     return ijk[inside]
 
 
-def _overlap_normaliser(scaffold: Scaffold, covs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """s_i = 1 / sum_j phi_j(mu_i): how many unit Gaussians pile up at each mean (sampled through a T1w voxel)."""
-    psf = torch.as_tensor(psf_covariance(scaffold.t1w_affine, (1.0, 1.0, 1.0)), dtype=torch.float32, device=device)
-    ones = torch.ones(scaffold.n_gaussians, 1, device=device)
-    means = scaffold.means.to(device)
-    with torch.no_grad():
-        density = measure(means, means, covs, ones, psf_cov=psf).squeeze(1)
-    return 1.0 / density.clamp_min(1e-3)
+def overlap_normaliser(scaffold: Scaffold, device: str | torch.device = "cpu") -> torch.Tensor:
+    """s_i = 1 / sum_j phi_j(mu_i): how many unit Gaussians pile up at each mean (sampled through a T1w voxel).
+
+    [N] float32 on ``device``; depends on the geometry alone, so computed once per scaffold object.
+    """
+    device = torch.device(device)
+
+    def compute() -> torch.Tensor:
+        psf = psf_covariance(scaffold.t1w_affine, (1.0, 1.0, 1.0))
+        ones = torch.ones(scaffold.n_gaussians, 1, device=device)
+        density = scaffold_measure(scaffold, scaffold.means.detach().cpu().numpy().astype(np.float64), psf, ones)
+        return 1.0 / density.squeeze(1).clamp_min(1e-3)
+
+    return scaffold.cached(f"normaliser:{device}", compute)
 
 
 def scaffold_neighbours(scaffold: Scaffold, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each Gaussian's ``k`` nearest other Gaussians: distances [N, k] (mm) and indices [N, k] (int)."""
-    from scipy.spatial import cKDTree
+    """Each Gaussian's ``k`` nearest other Gaussians: distances [N, k] (mm) and indices [N, k] (int).
 
-    means = scaffold.means.numpy().astype(np.float64)
-    k = min(k, len(means) - 1)
-    dist, nbr = cKDTree(means).query(means, k=k + 1)
-    return dist[:, 1:], nbr[:, 1:]
+    Computed once per scaffold object and ``k``.
+    """
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        from scipy.spatial import cKDTree
+
+        means = scaffold.means.detach().cpu().numpy().astype(np.float64)
+        kk = min(k, len(means) - 1)
+        dist, nbr = cKDTree(means).query(means, k=kk + 1)
+        return dist[:, 1:], nbr[:, 1:]
+
+    return scaffold.cached(f"neighbours:{k}", compute)
 
 
 def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device, w_floor: float = 0.0,
@@ -281,11 +293,11 @@ def fit_appearance(
     y = torch.as_tensor(intensity.apply(y_raw), device=device)
 
     sc = scaffold.to(device)
-    covs = sc.covs()
-    a_mat = measurement_matrix(sc.means, covs, vox2t1w, ijk, acquisition)
-    s = _overlap_normaliser(sc, covs, device)
+    a_mat = scaffold_operator(scaffold, vox2t1w, ijk, acquisition, device=device)
+    s = overlap_normaliser(scaffold, device)
     neighbours = scaffold_neighbours(scaffold, opts.k_neighbours)
-    sigma_t1 = graph_noise_sigma(scaffold.t1_values.numpy(), neighbours[1])
+    sigma_t1 = scaffold.cached(f"t1_sigma:{opts.k_neighbours}",
+                               lambda: graph_noise_sigma(scaffold.t1_values.numpy(), neighbours[1]))
     h_used = max(opts.h, opts.h_noise * sigma_t1)
     lap = t1_laplacian(scaffold, h=h_used, k=opts.k_neighbours, device=device, w_floor=opts.w_floor,
                        neighbours=neighbours)
@@ -430,8 +442,7 @@ def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *
         raise ValueError("the appearance carries no target geometry (target_vox2t1w): cannot predict measurements")
     ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
     device = torch.device(device)
-    sc = appearance.scaffold.to(device)
-    a_mat = measurement_matrix(sc.means, sc.covs(), appearance.target_vox2t1w, ijk, acquisition)
+    a_mat = scaffold_operator(appearance.scaffold, appearance.target_vox2t1w, ijk, acquisition, device=device)
     with torch.no_grad():
         y = a_mat.matmul(appearance.coeffs.to(device)).cpu().numpy()
     return np.asarray(appearance.intensity.invert(y), dtype=np.float32)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.field import CUTOFF, MAX_PAIRS, blur, measure_pairs
+from atlasgs_bids.gaussians import lattice as lattice_mod
+from atlasgs_bids.gaussians.field import CUTOFF, MAX_PAIRS, blur, measure, measure_pairs
 from atlasgs_bids.gaussians.spatial_hash import build_hash
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition
@@ -81,3 +82,48 @@ def measurement_matrix(
         (m, n),
         device,
     )
+
+
+def scaffold_lattice(scaffold, device: str | torch.device = "cpu") -> "lattice_mod.Lattice | None":
+    """The scaffold's :class:`~atlasgs_bids.gaussians.lattice.Lattice` on ``device`` (None when it is not one),
+    computed once per scaffold object."""
+    device = torch.device(device)
+    return scaffold.cached(f"lattice:{device}", lambda: lattice_mod.as_lattice(scaffold, device=device))
+
+
+def _acquisition_kernels(lat: "lattice_mod.Lattice", vox2t1w: np.ndarray,
+                         acquisition: Acquisition) -> list["lattice_mod.Kernel"]:
+    offsets, weights, fwhm = acquisition.sub_slices()
+    axis_dir = np.asarray(vox2t1w, dtype=np.float64)[:3, acquisition.slice_axis]
+    psf = psf_covariance(vox2t1w, fwhm)
+    return lattice_mod.kernels(lat, [psf] * len(offsets), [o * axis_dir for o in offsets], list(weights))
+
+
+def scaffold_operator(scaffold, vox2t1w: np.ndarray, ijk: np.ndarray, acquisition: Acquisition, *,
+                      device: str | torch.device = "cpu") -> SparseMatrix:
+    """The measurement operator [M, N] of target voxels ``ijk`` for a scaffold: the lattice's direct evaluation
+    when the scaffold is a lattice, else the pairwise one (:func:`measurement_matrix`). Same values either way.
+
+    ``vox2t1w``: (4, 4) target voxel index -> T1w world mm RAS; ``scaffold`` is used on ``device``.
+    """
+    lat = scaffold_lattice(scaffold, device)
+    if lat is None:
+        sc = scaffold.to(device)
+        return measurement_matrix(sc.means, sc.covs(), vox2t1w, ijk, acquisition)
+    pts = lat.grid.to_voxels(voxel_centres(vox2t1w, ijk))
+    return lattice_mod.operator(lat, pts, _acquisition_kernels(lat, vox2t1w, acquisition))
+
+
+def scaffold_measure(scaffold, points: np.ndarray, psf_cov: np.ndarray | None, amplitudes: torch.Tensor) -> torch.Tensor:
+    """Measure the scaffold's field with ``amplitudes`` [N, C] at ``points`` [M, 3] (T1w world mm RAS) through
+    the Gaussian PSF ``psf_cov`` (3, 3) mm^2 (None: sample it): [M, C] on the amplitudes' device, no gradient."""
+    device = amplitudes.device
+    lat = scaffold_lattice(scaffold, device)
+    with torch.no_grad():
+        if lat is not None:
+            psf = np.zeros((3, 3)) if psf_cov is None else np.asarray(psf_cov, dtype=np.float64)
+            return lattice_mod.apply(lat, lat.grid.to_voxels(points), lattice_mod.kernels(lat, [psf]), amplitudes)
+        sc = scaffold.to(device)
+        psf_t = None if psf_cov is None else torch.as_tensor(psf_cov, dtype=torch.float32, device=device)
+        pts = torch.as_tensor(points, dtype=torch.float32, device=device)
+        return measure(pts, sc.means, sc.covs(), amplitudes, psf_cov=psf_t)

@@ -5,9 +5,7 @@ import numpy as np
 import torch
 
 from atlasgs_bids.gaussians.appearance import Appearance
-from atlasgs_bids.gaussians.field import blur, measure
-from atlasgs_bids.gaussians.forward import psf_covariance, voxel_centres
-from atlasgs_bids.gaussians.spatial_hash import build_hash
+from atlasgs_bids.gaussians.forward import psf_covariance, scaffold_measure, voxel_centres
 
 
 def _default_mask(appearance: Appearance, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -64,19 +62,15 @@ def render(
     sel = _default_mask(appearance, affine, shape) if mask is None else np.asarray(mask, dtype=bool)
     if sel.shape != shape:
         raise ValueError(f"render mask shape {sel.shape} differs from the grid shape {shape}")
-    sc = appearance.scaffold.to(device)
-    covs = sc.covs()
     coeffs = appearance.coeffs.to(device)
-    psf = torch.as_tensor(psf_covariance(affine, fwhm_vox), dtype=torch.float32, device=device)
+    psf = psf_covariance(affine, fwhm_vox)
     if within_target and appearance.target_vox2t1w is not None:
         sel = sel & _inside_target(appearance, affine, shape)
     ijk = np.argwhere(sel)
     out = np.zeros((len(ijk), coeffs.shape[1]), dtype=np.float32)
-    with torch.no_grad():
-        grid = build_hash(sc.means, blur(covs, psf).half_extent)
-        for start in range(0, len(ijk), chunk_voxels):
-            pts = torch.as_tensor(voxel_centres(affine, ijk[start : start + chunk_voxels]), dtype=torch.float32, device=device)
-            out[start : start + len(pts)] = measure(pts, sc.means, covs, coeffs, psf_cov=psf, grid=grid).cpu().numpy()
+    for start in range(0, len(ijk), chunk_voxels):
+        pts = voxel_centres(affine, ijk[start : start + chunk_voxels])
+        out[start : start + len(pts)] = scaffold_measure(appearance.scaffold, pts, psf, coeffs).cpu().numpy()
     vol = np.zeros(shape + (coeffs.shape[1],), dtype=np.float32)
     vol[tuple(ijk.T)] = appearance.intensity.invert(out)
     return vol[..., 0] if coeffs.shape[1] == 1 else vol

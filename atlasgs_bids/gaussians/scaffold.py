@@ -109,6 +109,15 @@ class Scaffold:
     t1_values: torch.Tensor
     mask: np.ndarray
     meta: dict = field(default_factory=dict)
+    #: Quantities that depend on the geometry alone (lattice layout, neighbours, overlap normaliser), computed once
+    #: and shared by every target of the participant; never saved, and fresh in every copy (``replace``).
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def cached(self, key: str, compute: Callable[[], object]):
+        """``compute()`` once per scaffold object and ``key``."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
 
     @property
     def t1w_affine(self) -> np.ndarray:

@@ -34,6 +34,25 @@ class SparseMatrix:
             self._adj = coo.t().coalesce().to_sparse_csr()
             self.nnz = int(coo.values().numel())
 
+    @classmethod
+    def from_csr(cls, indptr: torch.Tensor, indices: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
+                 device: torch.device) -> "SparseMatrix":
+        """A matrix from CSR arrays (rows in order; no duplicate columns within a row)."""
+        self = cls.__new__(cls)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            mat = sp.csr_matrix((vals.numpy().astype(np.float32, copy=False), indices.numpy().astype(np.int32),
+                                 indptr.numpy()), shape=self.shape)
+            if not mat.has_sorted_indices:
+                mat.sort_indices()
+            self._fwd, self._adj = mat, mat.T.tocsr()
+        else:
+            self._fwd = torch.sparse_csr_tensor(indptr, indices, vals.float(), self.shape)
+            self._adj = self._fwd.t().to_sparse_csr()
+        self.nnz = int(vals.numel())
+        return self
+
     def _mul(self, mat, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return torch.from_numpy(np.ascontiguousarray(mat @ x.detach().numpy()))
