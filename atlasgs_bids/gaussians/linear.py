@@ -51,31 +51,40 @@ def fit_coefficients(
     n, nb = basis.shape
     n_vol = y.shape[1]
     device = y.device
-    lam_t = torch.tensor(lams if lams is not None else [0.0] * nb, device=device, dtype=y.dtype)
+    lams = list(lams) if lams is not None else [0.0] * nb
+    basis_t = basis.T.contiguous()  # [nb, N]
 
-    # Unknowns are laid out [N * nb, V]: row i * nb + k is channel k of Gaussian i; one column per volume.
+    # Unknowns are laid out channel-major [nb * N, V]: rows k * N .. (k + 1) * N - 1 are channel k, one column per
+    # volume, so each channel's block is contiguous for the Laplacian's sparse product.
     def expand(v: torch.Tensor) -> torch.Tensor:
-        return (basis[:, :, None] * v.view(n, nb, n_vol)).sum(1)
+        vv = v.view(nb, n, n_vol)
+        out = vv[0] * basis_t[0, :, None]
+        for k in range(1, nb):
+            out.addcmul_(vv[k], basis_t[k, :, None])
+        return out
 
     def adjoint(r: torch.Tensor) -> torch.Tensor:
-        return (basis[:, :, None] * a_mat.rmatmul(r)[:, None, :]).reshape(-1, n_vol)
+        return (basis_t[:, :, None] * a_mat.rmatmul(r)[None]).reshape(-1, n_vol)
 
     def normal(v: torch.Tensor) -> torch.Tensor:
-        out = adjoint(a_mat.matmul(expand(v))) + ridge * v
+        out = adjoint(a_mat.matmul(expand(v)))
+        if ridge:
+            out.add_(v, alpha=ridge)
         if laplacian is not None:
-            reg = lam_t[None, :, None] * laplacian.matmul(v.reshape(n, nb * n_vol)).view(n, nb, n_vol)
-            out = out + reg.reshape(-1, n_vol)
+            vv, oo = v.view(nb, n, n_vol), out.view(nb, n, n_vol)
+            for k in range(nb):
+                if lams[k]:
+                    oo[k].add_(laplacian.matmul(vv[k]), alpha=lams[k])
         return out
 
     col_sq = a_mat.column_sq_sums().to(device)
-    diag = basis**2 * col_sq[:, None] + ridge
+    diag = basis_t**2 * col_sq[None, :] + ridge
     if laplacian is not None:
-        diag = diag + lam_t[None, :] * laplacian.diagonal().to(device)[:, None]
+        diag = diag + torch.tensor(lams, device=device, dtype=y.dtype)[:, None] * laplacian.diagonal().to(device)[None, :]
     precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)
     rhs = adjoint(y)
-    v, info = conjugate_gradient(
-        normal, rhs, precond, x0=None if v0 is None else v0.reshape(-1, n_vol), max_iter=max_iter, tol=tol
-    )
+    x0 = None if v0 is None else v0.permute(1, 0, 2).reshape(-1, n_vol).contiguous()
+    v, info = conjugate_gradient(normal, rhs, precond, x0=x0, max_iter=max_iter, tol=tol)
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
         c = expand(v)
         lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)
@@ -85,7 +94,7 @@ def fit_coefficients(
         if upper is not None:
             outside |= c > upper
         info["n_at_bound_cg"] = int(outside.sum(0).max())
-        project = _slab_projection(basis, precond.view(n, nb), lower, upper, n_vol)
+        project = _slab_projection(basis_t, precond.view(nb, n), lower, upper, n_vol)
         v, pg = projected_gradient(normal, rhs, precond, project, v, max_iter=bound_iter, tol=bound_tol)
         info["bound_iterations"] = pg["iterations"]
         info["bound_step"] = pg["step"]
@@ -98,23 +107,23 @@ def fit_coefficients(
     return expand(v), info
 
 
-def _slab_projection(basis: torch.Tensor, scale: torch.Tensor, lower: torch.Tensor | None,
+def _slab_projection(basis_t: torch.Tensor, scale: torch.Tensor, lower: torch.Tensor | None,
                      upper: torch.Tensor | None, n_vol: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Projection onto ``lower_i <= sum_k basis_ik v_ik <= upper_i`` in the norm weighted by ``1 / scale``.
+    """Projection onto ``lower_i <= sum_k basis_ki v_ki <= upper_i`` in the norm weighted by ``1 / scale``.
 
-    ``basis``, ``scale`` [N, nb]; ``lower``, ``upper`` [N, V] or None; unknowns laid out [N * nb, V]. For one
-    Gaussian the set is a slab with normal ``w = basis_i``; the nearest point of ``z`` in the ``diag(scale)^-1``
-    metric is ``z - (w.z - clamp(w.z)) / (w^T S w) * S w``.
+    ``basis_t``, ``scale`` [nb, N]; ``lower``, ``upper`` [N, V] or None; unknowns laid out channel-major
+    [nb * N, V]. For one Gaussian the set is a slab with normal ``w = basis_i``; the nearest point of ``z`` in the
+    ``diag(scale)^-1`` metric is ``z - (w.z - clamp(w.z)) / (w^T S w) * S w``.
     """
-    n, nb = basis.shape
-    sw = scale * basis  # [N, nb]
-    wsw = (basis * sw).sum(1).clamp_min(1e-30)  # [N]
+    nb, n = basis_t.shape
+    sw = scale * basis_t  # [nb, N]
+    wsw = (basis_t * sw).sum(0).clamp_min(1e-30)  # [N]
     lo, hi = lower, upper
 
     def project(v: torch.Tensor) -> torch.Tensor:
-        vv = v.view(n, nb, n_vol)
-        t = (basis[:, :, None] * vv).sum(1)  # [N, V]
+        vv = v.view(nb, n, n_vol)
+        t = (basis_t[:, :, None] * vv).sum(0)  # [N, V]
         excess = t - t.clamp(min=lo, max=hi)
-        return (vv - (excess / wsw[:, None])[:, None, :] * sw[:, :, None]).reshape(-1, n_vol)
+        return (vv - (excess / wsw[:, None])[None, :, :] * sw[:, :, None]).reshape(-1, n_vol)
 
     return project

@@ -28,26 +28,27 @@ def conjugate_gradient(
     -------
     x : [N, C]; info : dict with ``iterations`` and ``relative_residual`` (list per iteration, worst column)
     """
+    # In place where possible: on the CPU the [N, C] temporaries, not the products, dominated an iteration.
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - apply(x) if x0 is not None else rhs.clone()
     z = precond[:, None] * r
     p = z.clone()
-    rz = (r * z).sum(0)
+    rz = torch.linalg.vecdot(r, z, dim=0)
     bnorm = rhs.norm(dim=0).clamp_min(1e-30)
     history: list[float] = []
     it = 0
     for it in range(1, max_iter + 1):
         ap = apply(p)
-        alpha = rz / (p * ap).sum(0).clamp_min(1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
+        alpha = rz / torch.linalg.vecdot(p, ap, dim=0).clamp_min(1e-30)
+        x.addcmul_(p, alpha[None, :])
+        r.addcmul_(ap, alpha[None, :], value=-1.0)
         rel = float((r.norm(dim=0) / bnorm).max())
         history.append(rel)
         if rel < tol:
             break
-        z = precond[:, None] * r
-        rz_new = (r * z).sum(0)
-        p = z + (rz_new / rz.clamp_min(1e-30)) * p
+        torch.mul(r, precond[:, None], out=z)
+        rz_new = torch.linalg.vecdot(r, z, dim=0)
+        p.mul_((rz_new / rz.clamp_min(1e-30))[None, :]).add_(z)
         rz = rz_new
     return x, {"iterations": it, "relative_residual": history}
 
