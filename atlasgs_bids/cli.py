@@ -19,9 +19,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from atlasgs_bids.config import DEVICES, MODALITIES, QUALITIES, Config
+from atlasgs_bids.config import MODALITIES, Config
+from atlasgs_bids.device import DEVICES, resolve_device
 from atlasgs_bids.errors import InputError
 from atlasgs_bids.interfaces.progress import Heartbeat
+from atlasgs_bids.presets import QUALITIES
 from atlasgs_bids.preflight import check_images, check_memory, check_writable_dir, describe_os_error
 from atlasgs_bids.processes import Terminated, kill_workers, pin_native_seeds, sigterm_as_interrupt
 from atlasgs_bids.version import __version__
@@ -392,7 +394,6 @@ def run_participant_level(config: Config) -> int:
     from atlasgs_bids.bids import derivatives as bd
     from atlasgs_bids.bids.layout import collect_inputs, open_layout
     from atlasgs_bids.workflows.participant import init_participant_wf, methods_text
-    from atlasgs_bids.workflows.target import resolve_device
 
     quiet_nipype()  # nipype was just imported: its loggers are back at INFO
     ex = config.execution
@@ -410,8 +411,6 @@ def run_participant_level(config: Config) -> int:
     for si in inputs:
         LOGGER.info("%s: T1w %s; targets %s%s", si.label, si.t1w.name, ", ".join(t.path.name for t in si.targets),
                     f"; mask {si.t1w_mask}" if si.t1w_mask else "")
-    if config.resources.device == "cuda" and resolve_device("auto") != "cuda":
-        raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
     config = config.replace("resources", device=resolve_device(config.resources.device))
     LOGGER.info("device: %s", config.resources.device)
     check_memory(inputs, config)

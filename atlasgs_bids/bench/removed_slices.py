@@ -30,6 +30,7 @@ from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance,
 from atlasgs_bids.gaussians.render import render
 from atlasgs_bids.gaussians.scaffold import Scaffold, lattice_scaffold
 from atlasgs_bids.imaging.acquisition import Acquisition
+from atlasgs_bids.presets import QUALITIES
 from atlasgs_bids.qc.selfval import cubic_along_slices, score
 
 #: bids-chris files, relative to the dataset root.
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="bids-chris dataset root")
     p.add_argument("--cache", required=True, help="folder for the cached mask and registration")
-    p.add_argument("--quality", default="default", choices=("fast", "default", "best"))
+    p.add_argument("--quality", default="default", choices=QUALITIES)
     p.add_argument("--first-slice", type=int, default=26)
     p.add_argument("--n-kept", type=int, default=5)
     p.add_argument("--crop", type=int, default=56)

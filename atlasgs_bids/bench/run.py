@@ -37,15 +37,16 @@ import numpy as np
 
 from atlasgs_bids.bench import baselines, cases
 from atlasgs_bids.bench import voxel_basis as vb
+from atlasgs_bids.device import DEVICES, resolve_device
 from atlasgs_bids.errors import InputError
 from atlasgs_bids.interfaces.progress import Heartbeat
+from atlasgs_bids.presets import QUALITIES
 
 LOG = logging.getLogger("atlasgs_bids.bench")
 
 BASELINES = ("linear", "cubic", "guided-filter", "voxel-basis")
 CORE_METHODS = ("atlasgs", "atlasgs-noguide")
 METHODS = BASELINES + CORE_METHODS
-QUALITIES = ("fast", "default", "best")
 DEFAULT_LAMBDA = 0.003  # tuned once on the central 80x80 column, x3 and x7 gaussian, grid 1e-3..0.3 (best 3e-3)
 DEFAULT_H = 0.1
 
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "'atlasgs' (sigma 1 blur, mean of blocks of factor)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--quality", choices=QUALITIES, default="default", help="preset of the atlasgs core")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch device")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="torch device")
     parser.add_argument("--crop", type=int, default=None,
                         help="central N x N in-plane column (full z) for quick runs, e.g. --crop 80")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the core (and of the registration cases)")
@@ -82,17 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an InputError."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return device
-
-
 def device_label(device: str) -> str:
     import torch
 

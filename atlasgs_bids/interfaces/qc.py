@@ -15,6 +15,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 
 from atlasgs_bids.errors import ProcessingError
 from atlasgs_bids.interfaces.fitting import json_safe
+from atlasgs_bids.presets import QUALITIES
 
 
 def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, ref_file: str | os.PathLike,
@@ -148,7 +149,7 @@ class _SelfValInputSpec(BaseInterfaceInputSpec):
     target_file = File(exists=True, mandatory=True, desc="target NIfTI on its own grid")
     xfm_file = File(exists=True, mandatory=True, desc="ITK transform resampling the target onto the T1w")
     slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm")
-    quality = traits.Enum("fast", "default", "best", usedefault=True, desc="AppearanceOptions preset")
+    quality = traits.Enum(*QUALITIES, usedefault=True, desc="AppearanceOptions preset")
     seed = traits.Int(0, usedefault=True, desc="chooses the held-out slices")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
     threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")

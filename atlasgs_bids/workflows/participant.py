@@ -9,10 +9,11 @@ from nipype.pipeline import engine as pe
 from atlasgs_bids.bids import derivatives as bd
 from atlasgs_bids.bids.layout import SubjectInputs
 from atlasgs_bids.config import Config
+from atlasgs_bids.device import resolve_device
 from atlasgs_bids.interfaces.anat import BrainMask, Reorient
 from atlasgs_bids.interfaces.bids import DerivativesSink
 from atlasgs_bids.interfaces.fitting import FitScaffold
-from atlasgs_bids.workflows.target import init_target_wf, resolve_device
+from atlasgs_bids.workflows.target import init_target_wf
 
 
 def mask_method(subject_inputs: SubjectInputs, config: Config) -> str:
