@@ -226,7 +226,7 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
 README_TEXT = """# atlasgs-bids derivatives
 
 Thick-slice contrasts (T2w, FLAIR, PDw, T2starw, dwi, asl) of each subject brought to the grid of the same
-subject's 3D T1w by atlasgs-bids (a Gaussian scaffold fitted to the T1w, per-target intensities fitted through the
+subject's 3D T1w by atlasgs-bids (a Gaussian scaffold built on the T1w, per-target intensities fitted through the
 target's slice profile and a rigid registration). Per subject: `desc-preproc_T1w` (the output grid),
 `desc-brain_mask`, `desc-atlasgs_gaussians` (the scaffold), `space-T1w_desc-atlasgs_<suffix>` (each target, with a
 JSON sidecar: sources, method, parameters, metrics, runtime) and `from-<suffix>_to-T1w_mode-image_xfm.txt` (ITK).

@@ -68,9 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="atlasgs-bids",
         description=(
             "atlasgs-bids: bring thick-slice brain MRI (T2w, FLAIR, PDw, T2starw, dwi, asl) to the resolution and "
-            "grid of the same subject's 3D T1w. A Gaussian scaffold is fitted to the T1w once per subject, then "
-            "each target's contrast is fitted through its own slice profile and a rigid registration, and rendered "
-            "on the T1w grid. Subcommands: 'atlasgs-bids demo OUT' (sample dataset, end to end) and "
+            "grid of the same subject's 3D T1w. A Gaussian scaffold is built on the T1w once per subject (one "
+            "Gaussian per voxel), then each target's contrast is fitted through its own slice profile and a rigid "
+            "registration, and rendered on the T1w grid. Subcommands: 'atlasgs-bids demo OUT' (sample dataset, end to end) and "
             "'atlasgs-bids bench ...' (benchmarks), 'atlasgs-bids index BIDS_DIR DB_DIR' (pybids index for "
             "--bids-database-dir)."),
         formatter_class=_HelpFormatter,
