@@ -132,7 +132,7 @@ def _ssim3d(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Ten
     """Mean SSIM of patch batches [B, 1, p, p, p] with a separable Gaussian window [w] (data range 1).
 
     The differentiable training loss of the fit, on torch tensors; the SSIM reported as a metric is scikit-image's
-    (:func:`atlasgs_bids.imaging.metrics.ssim`), which autograd cannot go through.
+    (:func:`atlasgs_bids.imaging.metrics.ssim3d`, scikit-image), which autograd cannot go through.
     """
     c1, c2 = 0.01**2, 0.03**2
 
