@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from atlasgs_bids.atomic import atomic_path, atomic_write_bytes  # noqa: F401 (re-exported)
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.processes import alive
 
 #: Entity keys in BIDS order (the schema's order, with derivative entities and the xfm entities at the end).
 ENTITY_ORDER: tuple[str, ...] = (
@@ -288,23 +289,13 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def stale_staging_dirs(output_dir: str | os.PathLike, label: str) -> list[Path]:
     """Staging folders of ``label`` left by a run on this host whose process is gone (killed: SIGKILL, power,
     out of memory). Folders of other hosts or of live processes are never listed (array jobs share output_dir)."""
     out, host, found = Path(output_dir), _host(), []
     for d in out.glob(f".staging-{label}-*"):
         parts = d.name[len(f".staging-{label}-"):].split("_")
-        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not alive(int(parts[1])):
             found.append(d)
     return sorted(found)
 
