@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import doctest
 
 import pytest
 import torch
 
+from atlasgs_bids import device, presets
 from atlasgs_bids.config import Config
 from atlasgs_bids.device import resolve_device
 from atlasgs_bids.errors import InputError
@@ -42,3 +44,9 @@ def test_presets_table_drives_appearance_options():
 def test_config_refuses_unknown_names(field, value, word):
     with pytest.raises(ValueError, match=word):
         Config.build(bids_dir="/b", output_dir="/o", analysis_level="participant", **{field: value})
+
+
+@pytest.mark.parametrize("module", [presets, device])
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

@@ -176,7 +176,8 @@ def test_rotate_bvec_file_known_rotation(tmp_path):
 
 def test_reference_volume_dwi_and_asl(tmp_path):
     """Mean b0 of a 4D dwi and mean control of an asl series, written on the target grid."""
-    from atlasgs_bids.interfaces.registration import make_reference, read_aslcontext
+    from atlasgs_bids.imaging.reference import read_aslcontext
+    from atlasgs_bids.interfaces.registration import make_reference
 
     data = np.stack([np.full((6, 6, 4), v, np.float32) for v in (10.0, 2.0, 30.0)], axis=-1)
     aff = np.diag([2.0, 2.0, 4.0, 1.0])
