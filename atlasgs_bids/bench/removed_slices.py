@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 
 from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance, fit_voxels, predict
 from atlasgs_bids.gaussians.render import render
@@ -164,7 +165,7 @@ def make_removed_slice_case(pair: RealPair, *, first_slice: int = 26, n_kept: in
     eligible = fit_voxels(scaffold, full, pair.target2t1w)
     ijk = eligible[np.isin(eligible[:, axis], removed)]
     t1_ijk = (np.linalg.inv(crop_affine) @ vox2t1w @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
-    inset = inset_mm / float(np.sqrt((pair.t1w_affine[:3, :3] ** 2).sum(0))[0])
+    inset = inset_mm / float(voxel_sizes(pair.t1w_affine)[0])
     inside = np.all((t1_ijk[:, :2] >= inset) & (t1_ijk[:, :2] <= np.array(crop_mask.shape[:2]) - 1 - inset), axis=1)
     return RemovedSliceCase(scaffold=scaffold, crop_affine=crop_affine, crop_mask=crop_mask, kept=kept,
                             kept_acquisition=kept_acq, full_acquisition=full, removed_ijk=ijk[inside],
