@@ -120,8 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES), metavar="SUFFIX",
                    help=f"target suffixes to harmonise, among {' '.join(MODALITIES)} (default: all)")
     g.add_argument("--quality", choices=QUALITIES, default="default",
-                   help="speed/accuracy preset of both fitting stages")
-    g.add_argument("--seed", type=int, default=0, help="random seed (scaffold initialisation, registration)")
+                   help="speed/accuracy preset of the stage-2 fit (the lattice scaffold has no settings)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the registration")
     g.add_argument("--skull-stripped", "--skull_stripped", dest="skull_stripped", action="store_true",
                    help="the T1w is already brain-extracted: the mask is T1w > 0 (no deepbet)")
 
