@@ -20,6 +20,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from atlasgs_bids.device import DEVICES
+from atlasgs_bids.presets import check_quality
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -27,8 +30,6 @@ else:  # pragma: no cover - Python 3.10
 
 #: Target modalities (BIDS suffixes) the app knows, in the order it processes them.
 MODALITIES: tuple[str, ...] = ("T2w", "FLAIR", "PDw", "T2starw", "dwi", "asl")
-QUALITIES: tuple[str, ...] = ("fast", "default", "best")
-DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,11 @@ class ResourcesConfig:
     mem_gb: float | None = None
     """Memory the MultiProc scheduler may plan for, in GB; ``None``: nipype's default (90% of the machine)."""
     device: str = "auto"
-    """``auto`` (CUDA when available), ``cuda`` or ``cpu``."""
+    """``auto`` (CUDA when available), ``cuda`` or ``cpu`` (:data:`atlasgs_bids.device.DEVICES`)."""
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}: use one of {', '.join(DEVICES)}")
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,12 @@ class FitConfig:
     """Gaussian scaffold / appearance fitting."""
 
     quality: str = "default"
-    """Preset of :class:`ScaffoldOptions` / :class:`AppearanceOptions`: ``fast``, ``default`` or ``best``."""
+    """Quality preset (:data:`atlasgs_bids.presets.QUALITIES`): stage-2 solver budget and lambda tuning."""
     seed: int = 0
-    """Seed of the scaffold initialisation and the registration sampling."""
+    """Seed of the registration sampling (the default lattice scaffold is not random)."""
+
+    def __post_init__(self) -> None:
+        check_quality(self.quality)
 
 
 @dataclass(frozen=True)

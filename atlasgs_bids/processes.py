@@ -74,12 +74,22 @@ def kill_workers(everything: bool = False, *, quiet: bool = True) -> int:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped: it runs nothing more).
+
+    ``os.kill(pid, 0)`` says whether it exists, also when another user owns it; on Linux, ``/proc/<pid>/stat``
+    then tells a zombie from a live process (elsewhere, existing counts as alive).
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    except (OSError, IndexError):  # gone since os.kill found it, or no /proc here (not Linux: os.kill's answer)
+        return not os.path.isdir("/proc")
 
 
 def pin_native_seeds(seed: int, environ: dict | None = None) -> None:

@@ -74,20 +74,16 @@ def test_crop_keeps_world_positions(shared_data):
 
 @pytest.mark.slow
 def test_core_methods_run_when_core_present(shared_data):
-    # Integration with the real core on a small crop, with a short scaffold fit (the presets take minutes here).
+    # Integration with the real core on a small crop (lattice scaffolds for both core methods).
     core = run.load_core()
-    if core is None:
-        pytest.skip("atlasgs core (atlasgs_bids.gaussians.scaffold/appearance/render) not importable yet")
     subject = cases.load_subject(shared_data / "mni152-hcp", crop=16)
     sl = (slice(None), slice(None), slice(60, 100))  # 40 slices through the brain
     subject = cases.Subject(t1w=subject.t1w[sl].copy(), t2w=subject.t2w[sl].copy(), mask=subject.mask[sl].copy(),
                             affine=subject.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 60], [0, 0, 0, 1.]]))
-    opts = core.ScaffoldOptions(steps=20, densify_every=10, densify_until=15)
-    scaffold = run._fit_scaffold(core, subject.t1w, subject, "fast", 0, "cpu", opts)
+    scaffold = run._fit_scaffold(subject.t1w, subject, quality="fast", seed=0, device="cpu")  # the lattice
     case = cases.make_case(subject, 3, "gaussian")
     rows, preds = run.run_case(case, subject, ["cubic", "atlasgs", "atlasgs-noguide"], quality="fast",
-                               device="cpu", lam=run.DEFAULT_LAMBDA, h=run.DEFAULT_H, core=core, scaffold=scaffold,
-                               scaffold_options=opts)
+                               device="cpu", lam=run.DEFAULT_LAMBDA, h=run.DEFAULT_H, core=core, scaffold=scaffold)
     assert [r["method"] for r in rows] == ["cubic", "atlasgs", "atlasgs-noguide"]
     for r in rows:
         assert np.isfinite(r["psnr"]) and r["psnr"] > 10 and r["seconds"] >= 0

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 from atlasgs_bids import cli
+from atlasgs_bids.cli import logs as cli_logs
+from atlasgs_bids.cli import run as cli_run
+from atlasgs_bids.cli.parser import build_config, parse_args
 from atlasgs_bids.config import Config
 from atlasgs_bids.interfaces.progress import Progress
 from atlasgs_bids.processes import pin_native_seeds
@@ -24,17 +27,17 @@ def _args(bids: Path, out: Path, *extra: str) -> list[str]:
 
 def test_parse_defaults_and_prefix_stripping(tmp_path):
     bids = make_bids(tmp_path / "b", {})
-    opts = cli.parse_args(_args(bids, tmp_path / "o", "--participant-label", "sub-01", "02",
+    opts = parse_args(_args(bids, tmp_path / "o", "--participant-label", "sub-01", "02",
                                 "--session_label", "ses-a", "--modalities", "PDw", "dwi", "PDw"))
     assert opts.participant_label == ["01", "02"] and opts.session_label == ["a"]
     assert opts.modalities == ["PDw", "dwi"]
-    cfg = cli.build_config(opts)
+    cfg = build_config(opts)
     assert cfg.execution.participant_label == ("01", "02")
     assert (cfg.fit.quality, cfg.fit.seed, cfg.resources.device, cfg.resources.nprocs) == ("default", 0, "auto", 1)
-    opts = cli.parse_args(_args(bids, tmp_path / "o", "--nprocs", "3", "--omp_nthreads", "2", "--mem-gb", "8",
+    opts = parse_args(_args(bids, tmp_path / "o", "--nprocs", "3", "--omp_nthreads", "2", "--mem-gb", "8",
                                 "--device", "cpu", "--quality", "fast", "--seed", "7", "--skull-stripped",
                                 "--skip_bids_validation", "--reports-only", "-w", str(tmp_path / "w")))
-    cfg = cli.build_config(opts)
+    cfg = build_config(opts)
     assert (cfg.resources.nprocs, cfg.resources.omp_nthreads, cfg.resources.mem_gb) == (3, 2, 8.0)
     assert cfg.execution.skull_stripped and cfg.execution.skip_bids_validation and cfg.execution.reports_only
     assert cfg.execution.work_dir == tmp_path / "w"
@@ -114,7 +117,7 @@ def test_input_error_exit_2_leaves_no_partial_outputs(tmp_path, capsys, monkeypa
     bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T2w.nii.gz": THICK})
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
     if not up_front:
-        monkeypatch.setattr(cli, "check_images", lambda si: None)
+        monkeypatch.setattr(cli_run, "check_images", lambda si: None)
     out = tmp_path / "out"
     rc = cli.main(_args(bids, out, "--skip-bids-validation", "--skull-stripped", "--device", "cpu",
                         "-w", str(tmp_path / "work")))
@@ -150,10 +153,10 @@ def test_processing_failure_exit_1_traceback_only_with_verbose(tmp_path, capsys,
     one-line cause; the traceback only with -v."""
     bids = make_bids(tmp_path / "b", {"sub-01/anat/sub-01_T1w.nii.gz": ISO, "sub-01/anat/sub-01_T2w.nii.gz": THICK})
 
-    def boom(config):
+    def boom(config, log):
         raise OSError(28, "No space left on device", str(tmp_path / "work" / "x.pklz"))
 
-    monkeypatch.setattr(cli, "run_participant_level", boom)
+    monkeypatch.setattr(cli.entry, "run_participant_level", boom)
     rc = cli.main(_args(bids, tmp_path / "out", "--skip-bids-validation", *(["-v"] if verbose else [])))
     err = capsys.readouterr().err
     assert rc == 1
@@ -200,17 +203,17 @@ def test_progress_bar_on_tty_lines_otherwise():
 @pytest.fixture()
 def app_log(caplog):
     """The app's log records (``caplog``), with its logger set up as the CLI does and propagating to pytest."""
-    cli.setup_logging(0)
-    cli.LOGGER.propagate = True
+    cli_logs.setup_logging(0)
+    cli_logs.LOGGER.propagate = True
     try:
         with caplog.at_level(logging.INFO, logger="atlasgs"):
             yield caplog
     finally:
-        cli.LOGGER.propagate = False
+        cli_logs.LOGGER.propagate = False
 
 
 def test_stage_logs_duration(app_log):
-    with cli.stage("discovery"):
+    with cli_logs.stage("discovery"):
         pass
     assert any(r.getMessage().startswith("discovery: done in ") for r in app_log.records)
 
@@ -220,7 +223,7 @@ def test_stage_is_never_silent(app_log, monkeypatch):
     import time as _time
 
     monkeypatch.setenv("ATLASGS_HEARTBEAT_SECONDS", "0.05")
-    with cli.stage("input discovery"):
+    with cli_logs.stage("input discovery"):
         _time.sleep(0.2)
     assert any(r.getMessage().startswith("still running: input discovery (") for r in app_log.records)
 
@@ -244,25 +247,25 @@ def test_reports_only_fits_nothing(tmp_path, capsys):
 def test_omp_nthreads_default_from_environment(tmp_path, monkeypatch):
     bids = make_bids(tmp_path / "b", {})
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cli.parse_args(_args(bids, tmp_path / "o")).omp_nthreads == 3
-    assert cli.parse_args(_args(bids, tmp_path / "o", "--omp-nthreads", "1")).omp_nthreads == 1
+    assert parse_args(_args(bids, tmp_path / "o")).omp_nthreads == 3
+    assert parse_args(_args(bids, tmp_path / "o", "--omp-nthreads", "1")).omp_nthreads == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
-    assert cli.parse_args(_args(bids, tmp_path / "o")).omp_nthreads >= 1
+    assert parse_args(_args(bids, tmp_path / "o")).omp_nthreads >= 1
 
 
 def test_node_timer_logs_cached_nodes(caplog):
     class _Node:
         fullname = "sub_01_wf.T2w_wf.harmonize"
 
-    timer = cli.NodeTimer("sub-01 ")
+    timer = cli_run.NodeTimer("sub-01 ")
     with caplog.at_level(logging.INFO, logger="atlasgs"):
-        cli.LOGGER.propagate = True
+        cli_logs.LOGGER.propagate = True
         try:
             timer(_Node(), "end")  # never started: reused from the work dir
             timer(_Node(), "start")
             timer(_Node(), "end")
         finally:
-            cli.LOGGER.propagate = False
+            cli_logs.LOGGER.propagate = False
     lines = list(dict.fromkeys(r.getMessage() for r in caplog.records))  # a record may reach caplog twice
     assert lines[0] == "sub-01 T2w_wf.harmonize: cached (work dir)"
     assert lines[1].startswith("sub-01 T2w_wf.harmonize: done in ") and "-0.0" not in lines[1]
@@ -300,9 +303,9 @@ def test_heartbeat_names_running_nodes(app_log):
 
     from atlasgs_bids.interfaces.progress import Heartbeat
 
-    timer = cli.NodeTimer("sub-01 ")
+    timer = cli_run.NodeTimer("sub-01 ")
     timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "start")
-    with Heartbeat(cli.LOGGER, timer.running, interval=0.05):
+    with Heartbeat(cli_logs.LOGGER, timer.running, interval=0.05):
         _time.sleep(0.2)
     assert any(r.getMessage().startswith("still running: sub-01 T2w_wf.harmonize (") for r in app_log.records)
     timer(SimpleNamespace(fullname="wf.T2w_wf.harmonize"), "end")

@@ -169,7 +169,7 @@ def test_requirements_lock_pins_every_declared_dependency():
     ("tests/conftest.py", True), ("docs/usage.md", True), ("docker/build-base.sh", True),
     ("atlasgs_bids/__pycache__/cli.cpython-311.pyc", True), ("atlasgs_bids/gaussians/__pycache__", True),
     ("atlasgs_bids.egg-info/PKG-INFO", True), ("atlasgs_bids/work/x", True),
-    ("atlasgs_bids/cli.py", False), ("atlasgs_bids/gaussians/field.py", False), ("pyproject.toml", False),
+    ("atlasgs_bids/cli/entry.py", False), ("atlasgs_bids/gaussians/field.py", False), ("pyproject.toml", False),
     ("version", False), ("README.md", False), ("docker/requirements.lock", False),
 ])
 def test_dockerignore(path, excluded):

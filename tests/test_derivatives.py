@@ -5,6 +5,9 @@ import doctest
 import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from atlasgs_bids.bids import derivatives as bd
 from atlasgs_bids.errors import InputError
 from atlasgs_bids.interfaces.bids import target_sidecar
+from atlasgs_bids.processes import alive
 from atlasgs_bids.workflows.group import write_group_qc
 
 NAMES = [  # (helper, source, kwargs, expected relative path)
@@ -224,3 +228,19 @@ def test_sidecar_inherits_only_what_stays_true():
     assert sidecar["Parameters"]["source_geometry"] == {k: source[k] for k in geometry}
     assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]  # the app's own keys win
     assert sidecar["Metrics"]["registration_mattes_mi"] == 0.4 and "x" not in sidecar["Metrics"]
+
+
+def test_alive_tells_a_running_process_from_a_zombie_and_a_reaped_one():
+    """One liveness check (``processes.alive``) for the staging clean-up and the worker shutdown: a zombie (exited,
+    not reaped) runs nothing more, so its staging folder is stale."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert alive(os.getpid()) and alive(proc.pid)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 10
+    while alive(proc.pid) and time.monotonic() < deadline:  # killed, not yet reaped: a zombie
+        time.sleep(0.01)
+    assert not alive(proc.pid) and Path(f"/proc/{proc.pid}").exists()
+    proc.wait()
+    assert not alive(proc.pid)

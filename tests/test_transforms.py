@@ -9,6 +9,7 @@ from atlasgs_bids.imaging.transforms import (
     itk_to_ras,
     ras_to_itk,
     read_itk_affine,
+    read_target2t1w,
     rotation_angle_deg,
     write_itk_affine,
 )
@@ -134,3 +135,12 @@ def test_bad_inputs(tmp_path):
 def test_rotation_angle():
     assert rotation_angle_deg(_affine(*KNOWN[0][:2])) == pytest.approx(90.0)
     assert rotation_angle_deg(np.eye(3)) == pytest.approx(0.0)
+
+
+def test_read_target2t1w_inverts_the_files_pull_map(tmp_path):
+    """A ``from-T2w_to-T1w_mode-image`` file holds T1w -> target (it resamples the target onto the T1w); the
+    forward model needs target -> T1w: a T1w point sent to the target comes back."""
+    t1w2target = np.array([[0.0, -1.0, 0.0, 5.0], [1.0, 0.0, 0.0, -3.0], [0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 0.0, 1.0]])
+    path = write_itk_affine(tmp_path / "from-T2w_to-T1w_mode-image_xfm.txt", t1w2target)
+    p_t1w = np.array([10.0, -20.0, 30.0, 1.0])
+    np.testing.assert_allclose(read_target2t1w(path) @ (t1w2target @ p_t1w), p_t1w, atol=1e-9)

@@ -40,6 +40,21 @@ def _config(root: Path, **kw) -> Config:
                         device="cpu", **kw)
 
 
+
+def test_lattice_scaffold_node_hash_ignores_quality_seed_and_device(bids_root, tmp_path):
+    """The lattice depends on the T1w and its mask alone: another --quality, --seed or --device must reuse the
+    scaffold cached in the work dir (the node's hash, the key nipype caches it under, stays the same)."""
+    (si,) = collect_inputs(bids_root, modalities=("T2w",))
+    hashes = set()
+    for quality, seed in (("fast", 0), ("best", 5)):
+        wf = init_participant_wf(subject_inputs=si, config=_config(bids_root, quality=quality, seed=seed),
+                                 stage_dir=tmp_path / "stage")
+        node = wf.get_node("fit_scaffold")
+        node.inputs.t1w_file = str(si.t1w)
+        node.inputs.mask_file = str(si.t1w)  # any existing file: the hash covers the inputs, not their meaning
+        hashes.add(node.inputs.get_hashval()[1])
+    assert len(hashes) == 1
+
 @pytest.mark.parametrize("modalities", [("T2w",), ("dwi",), ("asl",), ("T2w", "FLAIR", "dwi", "asl")])
 @pytest.mark.parametrize("skull_stripped", [False, True])
 @pytest.mark.parametrize("quality", ["fast", "best"])
@@ -63,13 +78,12 @@ def test_participant_graph(bids_root, tmp_path, modalities, skull_stripped, qual
         assert {("registration_qc", "harmonize"), ("qc", "sidecar"), ("self_validation", "qc")} <= edges
     assert ("dwi_wf.rotate_bvecs" in names) == ("dwi" in modalities)
     assert wf.get_node("brain_mask").inputs.method == ("skull_stripped" if skull_stripped else "deepbet")
-    assert wf.get_node("fit_scaffold").inputs.quality == quality
-    assert wf.get_node("fit_scaffold").inputs.device == "cpu"
     assert wf.get_node("ds_anat").inputs.rel_paths == [
         "sub-01/anat/sub-01_desc-preproc_T1w.nii.gz", "sub-01/anat/sub-01_desc-brain_mask.nii.gz",
         "sub-01/anat/sub-01_desc-atlasgs_gaussians.npz", "sub-01/anat/sub-01_desc-atlasgs_gaussians.json"]
     text = methods_text(wf)
     assert f"quality preset '{quality}'" in text and ("skull-stripped" in text) == skull_stripped
+    assert "scaffold was built on the T1w grid, one Gaussian per voxel" in text and "scaffold was fitted" not in text
     wf._create_flat_graph()  # noqa: SLF001 - nipype's own check that every connection resolves
     assert len(wf._graph.nodes()) >= 6
 
@@ -162,7 +176,8 @@ def test_rotate_bvec_file_known_rotation(tmp_path):
 
 def test_reference_volume_dwi_and_asl(tmp_path):
     """Mean b0 of a 4D dwi and mean control of an asl series, written on the target grid."""
-    from atlasgs_bids.interfaces.registration import make_reference, read_aslcontext
+    from atlasgs_bids.imaging.reference import read_aslcontext
+    from atlasgs_bids.interfaces.registration import make_reference
 
     data = np.stack([np.full((6, 6, 4), v, np.float32) for v in (10.0, 2.0, 30.0)], axis=-1)
     aff = np.diag([2.0, 2.0, 4.0, 1.0])

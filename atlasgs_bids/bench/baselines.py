@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 
@@ -113,7 +114,7 @@ def guided_filter(
     guide = np.asarray(guide, dtype=np.float32)
     sp, sg = _p99(p), _p99(guide if mask is None else guide[mask])
     p, g, guide_n = p / sp, g / sg, guide / sg
-    zooms = np.sqrt((np.asarray(thick_affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_sizes(np.asarray(thick_affine))
     slice_axis = int(np.argmax(zooms))
     size = [2 * radius + 1] * 3
     size[slice_axis] = 2 * radius_slices + 1

@@ -159,7 +159,7 @@ def build_case(case: RegCase, src: _Source, *, seed: int = 0, noise: float = 0.0
     shift[:3, 3] = centre
     truth = shift @ rot @ np.linalg.inv(shift)
     truth[:3, 3] += case.translation_mm
-    vox = float(np.linalg.norm(src.affine[:3, :3], axis=0).min())
+    vox = float(nib.affines.voxel_sizes(src.affine).min())
     zooms = np.full(3, vox)
     zooms[case.slice_axis] = vox * case.factor
     # target grid: axis-aligned in its own world, covering the T1w brain (plus 10 mm) moved into it

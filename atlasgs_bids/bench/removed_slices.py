@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 
 from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance, fit_voxels, predict
 from atlasgs_bids.gaussians.render import render
 from atlasgs_bids.gaussians.scaffold import Scaffold, lattice_scaffold
 from atlasgs_bids.imaging.acquisition import Acquisition
+from atlasgs_bids.presets import QUALITIES
 from atlasgs_bids.qc.selfval import cubic_along_slices, score
 
 #: bids-chris files, relative to the dataset root.
@@ -163,7 +165,7 @@ def make_removed_slice_case(pair: RealPair, *, first_slice: int = 26, n_kept: in
     eligible = fit_voxels(scaffold, full, pair.target2t1w)
     ijk = eligible[np.isin(eligible[:, axis], removed)]
     t1_ijk = (np.linalg.inv(crop_affine) @ vox2t1w @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
-    inset = inset_mm / float(np.sqrt((pair.t1w_affine[:3, :3] ** 2).sum(0))[0])
+    inset = inset_mm / float(voxel_sizes(pair.t1w_affine)[0])
     inside = np.all((t1_ijk[:, :2] >= inset) & (t1_ijk[:, :2] <= np.array(crop_mask.shape[:2]) - 1 - inset), axis=1)
     return RemovedSliceCase(scaffold=scaffold, crop_affine=crop_affine, crop_mask=crop_mask, kept=kept,
                             kept_acquisition=kept_acq, full_acquisition=full, removed_ijk=ijk[inside],
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="bids-chris dataset root")
     p.add_argument("--cache", required=True, help="folder for the cached mask and registration")
-    p.add_argument("--quality", default="default", choices=("fast", "default", "best"))
+    p.add_argument("--quality", default="default", choices=QUALITIES)
     p.add_argument("--first-slice", type=int, default=26)
     p.add_argument("--n-kept", type=int, default=5)
     p.add_argument("--crop", type=int, default=56)

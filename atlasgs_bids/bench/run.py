@@ -22,7 +22,6 @@ when the method started, so ``peak_rss_mb - rss_start_mb`` is the method's own i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -37,15 +36,18 @@ import numpy as np
 
 from atlasgs_bids.bench import baselines, cases
 from atlasgs_bids.bench import voxel_basis as vb
+from atlasgs_bids.device import DEVICES, resolve_device
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.gaussians.scaffold import Scaffold, lattice_scaffold
 from atlasgs_bids.interfaces.progress import Heartbeat
+from atlasgs_bids.presets import QUALITIES
+from atlasgs_bids.research.adaptive_scaffold import AdaptiveScaffoldOptions, fit_adaptive_scaffold
 
 LOG = logging.getLogger("atlasgs_bids.bench")
 
 BASELINES = ("linear", "cubic", "guided-filter", "voxel-basis")
 CORE_METHODS = ("atlasgs", "atlasgs-noguide")
 METHODS = BASELINES + CORE_METHODS
-QUALITIES = ("fast", "default", "best")
 DEFAULT_LAMBDA = 0.003  # tuned once on the central 80x80 column, x3 and x7 gaussian, grid 1e-3..0.3 (best 3e-3)
 DEFAULT_H = 0.1
 
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "'atlasgs' (sigma 1 blur, mean of blocks of factor)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--quality", choices=QUALITIES, default="default", help="preset of the atlasgs core")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch device")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="torch device")
     parser.add_argument("--crop", type=int, default=None,
                         help="central N x N in-plane column (full z) for quick runs, e.g. --crop 80")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the core (and of the registration cases)")
@@ -82,17 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an InputError."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return device
-
-
 def device_label(device: str) -> str:
     import torch
 
@@ -170,23 +161,25 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------------------------- the core
-def load_core():
-    """The lead's core (scaffold, appearance, render) as a namespace, or None (logged) when not importable."""
-    try:
-        from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
-        from atlasgs_bids.gaussians.render import render
-        from atlasgs_bids.gaussians.scaffold import ScaffoldOptions, fit_scaffold
-    except ImportError as exc:
-        LOG.warning("skipping methods %s: the atlasgs core cannot be imported (%s)", ", ".join(CORE_METHODS), exc)
-        return None
-    return argparse.Namespace(ScaffoldOptions=ScaffoldOptions, fit_scaffold=fit_scaffold,
-                              AppearanceOptions=AppearanceOptions, fit_appearance=fit_appearance, render=render)
+def load_core() -> argparse.Namespace:
+    """The core's stage 2 and render (``AppearanceOptions``, ``fit_appearance``, ``render``) as a namespace."""
+    from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
+    from atlasgs_bids.gaussians.render import render
+
+    return argparse.Namespace(AppearanceOptions=AppearanceOptions, fit_appearance=fit_appearance, render=render)
 
 
-def _fit_scaffold(core, image, subject, quality, seed, device, options=None, geometry="lattice"):
-    if options is None:
-        options = dataclasses.replace(core.ScaffoldOptions.preset(quality), geometry=geometry)
-    return core.fit_scaffold(image, subject.affine, subject.mask, options, seed=seed, device=device)
+def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, seed: int, device: str,
+                  geometry: str = "lattice", options: AdaptiveScaffoldOptions | None = None) -> Scaffold:
+    """The scaffold of ``image`` (T1w, or the cubic interpolation for ``atlasgs-noguide``) on the subject's grid:
+    the app's lattice, or with ``geometry="adaptive"`` (or adaptive ``options``) the research fit, whose Adam budget
+    is the ``quality`` preset unless ``options`` are given."""
+    if geometry == "lattice" and options is None:
+        return lattice_scaffold(image, subject.affine, subject.mask)
+    if geometry not in ("lattice", "adaptive"):
+        raise InputError(f"unknown scaffold geometry {geometry!r}: use lattice or adaptive")
+    return fit_adaptive_scaffold(image, subject.affine, subject.mask,
+                                 options or AdaptiveScaffoldOptions.preset(quality), seed=seed, device=device)
 
 
 def _core_reconstruct(core, scaffold, case, subject, quality, device):
@@ -208,7 +201,8 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
     """Reconstruct one case with each method; returns the result rows and the predictions (for figures).
 
     ``core`` is :func:`load_core`'s namespace (core methods are skipped when None), ``scaffold`` the T1w scaffold
-    for "atlasgs"; ``scaffold_options`` overrides the ``quality`` preset of the "atlasgs-noguide" scaffold.
+    for "atlasgs"; ``scaffold_options`` (:class:`AdaptiveScaffoldOptions`) makes the "atlasgs-noguide" scaffold the
+    adaptive one with these settings (default: the lattice).
     """
     rows, preds = [], {}
     shape, aff = subject.shape, subject.affine
@@ -250,7 +244,8 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
             elif method == "atlasgs-noguide":
                 cubic = baselines.interpolate_cubic(case.thick, case.thick_affine, aff, shape)
                 t1 = time.perf_counter()
-                own = _fit_scaffold(core, cubic, subject, quality, seed, device, scaffold_options)
+                own = _fit_scaffold(cubic, subject, quality=quality, seed=seed, device=device,
+                                    options=scaffold_options)
                 params_scaffold = round(time.perf_counter() - t1, 2)
                 pred, params = _core_reconstruct(core, own, case, subject, quality, device)
                 params["scaffold_seconds"] = params_scaffold
@@ -384,15 +379,14 @@ def run(args: argparse.Namespace) -> int:
     methods = list(dict.fromkeys(args.methods))
     report = {"machine": machine_info(), "device": device_label(device), "cases": []}
 
-    core = scaffold = None
-    if any(m in CORE_METHODS for m in methods):
-        core = load_core()
-    if core is not None and "atlasgs" in methods:
+    core = load_core() if any(m in CORE_METHODS for m in methods) else None
+    scaffold = None
+    if "atlasgs" in methods:
         LOG.info("fitting the T1w scaffold once (quality %s) ...", args.quality)
         t_fit = time.perf_counter()
         with Heartbeat(LOG, lambda: f"T1w scaffold ({time.perf_counter() - t_fit:.0f} s)"), PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            scaffold = _fit_scaffold(core, subject.t1w, subject, args.quality, args.seed, device,
+            scaffold = _fit_scaffold(subject.t1w, subject, quality=args.quality, seed=args.seed, device=device,
                                      geometry=args.geometry)
             seconds = time.perf_counter() - t0
         report["cases"].append(_row(None, None, "atlasgs-scaffold", args.quality, device, {}, seconds, mem,

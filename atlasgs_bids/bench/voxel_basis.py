@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from atlasgs_bids.gaussians.solve import conjugate_gradient
 from atlasgs_bids.imaging.intensity import fit_intensity_scale
 
 
@@ -209,25 +210,12 @@ def solve_voxel_basis(
     diag = diag_s.reshape(shape) + lam * degree
     inv_diag = torch.where(reg > 0, 1.0 / torch.clamp(diag, min=1e-12), torch.zeros_like(diag))
 
-    x = torch.zeros_like(reg) if x0 is None else reg * torch.as_tensor(scale.apply(x0)[box], **f32)
-    r = rhs - normal(x)
-    z = inv_diag * r
-    p = z.clone()
-    rz = torch.sum(r * z)
-    bnorm = float(torch.linalg.vector_norm(rhs)) or 1.0
-    it, rel = 0, float(torch.linalg.vector_norm(r)) / bnorm
-    while it < max_iter and rel > tol:
-        ap = normal(p)
-        alpha = rz / torch.sum(p * ap)
-        x.add_(alpha * p)
-        r.sub_(alpha * ap)
-        z = inv_diag * r
-        rz_new = torch.sum(r * z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-        it += 1
-        rel = float(torch.linalg.vector_norm(r)) / bnorm
+    start = None if x0 is None else (reg * torch.as_tensor(scale.apply(x0)[box], **f32)).reshape(-1, 1)
+    # the core's CG on one column: the box's voxels flattened to [N, 1]
+    x, info = conjugate_gradient(lambda v: normal(v.view(reg.shape)).reshape(-1, 1), rhs.reshape(-1, 1),
+                                 inv_diag.reshape(-1), x0=start, max_iter=max_iter, tol=tol)
     out = np.zeros(mask.shape, dtype=np.float32)
-    out[box] = scale.invert((x * reg).cpu().numpy())
-    return VoxelBasisResult(data=out, iterations=it, seconds=time.perf_counter() - t0, relative_residual=rel,
+    out[box] = scale.invert((x.view(reg.shape) * reg).cpu().numpy())
+    return VoxelBasisResult(data=out, iterations=info["iterations"], seconds=time.perf_counter() - t0,
+                            relative_residual=info["relative_residual"][-1],
                             params={"lambda": lam, "h": h, "dilate": dilate, "tol": tol, "max_iter": max_iter})

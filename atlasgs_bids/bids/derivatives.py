@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from atlasgs_bids.atomic import atomic_path, atomic_write_bytes  # noqa: F401 (re-exported)
 from atlasgs_bids.errors import InputError
+from atlasgs_bids.processes import alive
 
 #: Entity keys in BIDS order (the schema's order, with derivative entities and the xfm entities at the end).
 ENTITY_ORDER: tuple[str, ...] = (
@@ -226,7 +227,7 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
 README_TEXT = """# atlasgs-bids derivatives
 
 Thick-slice contrasts (T2w, FLAIR, PDw, T2starw, dwi, asl) of each subject brought to the grid of the same
-subject's 3D T1w by atlasgs-bids (a Gaussian scaffold fitted to the T1w, per-target intensities fitted through the
+subject's 3D T1w by atlasgs-bids (a Gaussian scaffold built on the T1w, per-target intensities fitted through the
 target's slice profile and a rigid registration). Per subject: `desc-preproc_T1w` (the output grid),
 `desc-brain_mask`, `desc-atlasgs_gaussians` (the scaffold), `space-T1w_desc-atlasgs_<suffix>` (each target, with a
 JSON sidecar: sources, method, parameters, metrics, runtime) and `from-<suffix>_to-T1w_mode-image_xfm.txt` (ITK).
@@ -288,23 +289,13 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def stale_staging_dirs(output_dir: str | os.PathLike, label: str) -> list[Path]:
     """Staging folders of ``label`` left by a run on this host whose process is gone (killed: SIGKILL, power,
     out of memory). Folders of other hosts or of live processes are never listed (array jobs share output_dir)."""
     out, host, found = Path(output_dir), _host(), []
     for d in out.glob(f".staging-{label}-*"):
         parts = d.name[len(f".staging-{label}-"):].split("_")
-        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not alive(int(parts[1])):
             found.append(d)
     return sorted(found)
 

@@ -131,7 +131,7 @@ def voxel_sizes(path: str | os.PathLike) -> tuple[float, float, float]:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise InputError(f"{path}: cannot read this NIfTI ({exc}); re-export it") from None
-    zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = nib.affines.voxel_sizes(np.asarray(img.affine))
     return tuple(float(z) for z in zooms)  # type: ignore[return-value]
 
 

@@ -152,8 +152,8 @@ def sample_through_psf(
     """
     affine = np.asarray(affine, dtype=np.float64)
     grid_affine = np.asarray(grid_affine, dtype=np.float64)
-    step = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).min())
-    zooms = np.sqrt((grid_affine[:3, :3] ** 2).sum(axis=0))
+    step = float(nib.affines.voxel_sizes(affine).min())
+    zooms = nib.affines.voxel_sizes(grid_affine)
     sigma_mm = np.sqrt(np.maximum(np.asarray(fwhm_mm, float) ** 2 - source_fwhm_mm**2, 0.0)) * FWHM_TO_SIGMA
     pad = np.ceil(3 * sigma_mm / step).astype(int) + 2  # fine voxels of margin for the blur
     # Fine grid: the output's axis directions, `step` mm spacing, starting `pad` voxels before output voxel 0.

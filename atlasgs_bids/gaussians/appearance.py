@@ -97,11 +97,11 @@ class AppearanceOptions:
 
     @classmethod
     def preset(cls, quality: str) -> "AppearanceOptions":
-        presets = {"fast": cls(max_iter=150, tol=1e-4, noise_lam=True), "default": cls(tune=True, noise_lam=True),
-                   "best": cls(max_iter=1000, tol=3e-6, tune=True, noise_lam=True)}
-        if quality not in presets:
-            raise ValueError(f"unknown quality {quality!r}: use one of {sorted(presets)}")
-        return presets[quality]
+        """The options of quality preset ``quality`` (:data:`atlasgs_bids.presets.APPEARANCE_PRESETS`); an unknown
+        name is a ``ValueError``."""
+        from atlasgs_bids.presets import appearance_overrides  # the one presets table; imports nothing itself
+
+        return cls(**appearance_overrides(quality))
 
 
 @dataclass

@@ -5,6 +5,8 @@ its M0 scans (or, without M0, of its control volumes): those have the most anato
 """
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,3 +98,20 @@ def reference_volume(
         raise InputError(f"{name}: a {modality} image should be 3D but has {n_vols} volumes {data.shape}")
 
     return data[..., selected].mean(axis=3, dtype=np.float64).astype(np.float32)
+
+
+def read_aslcontext(path: str | os.PathLike) -> list[str]:
+    """The ``volume_type`` column of an ``_aslcontext.tsv`` (one entry per volume)."""
+    with open(path, newline="") as fh:
+        return [row["volume_type"] for row in csv.DictReader(fh, delimiter="\t")]
+
+
+def reference_array(data: np.ndarray, *, modality: str, bval_file: str | os.PathLike | None = None,
+                    aslcontext_file: str | os.PathLike | None = None,
+                    source: str | os.PathLike | None = None) -> np.ndarray:
+    """:func:`reference_volume` of a target's ``data`` (its own grid, 3D or 4D), with the b-values and the ASL
+    context read from the target's ``.bval`` and ``_aslcontext.tsv``; float32 (I, J, K)."""
+    bvals = np.loadtxt(bval_file, ndmin=1) if bval_file else None
+    context = read_aslcontext(aslcontext_file) if aslcontext_file else None
+    return np.asarray(reference_volume(data, modality=modality, bvals=bvals, aslcontext=context,
+                                       source=str(source) if source else None), dtype=np.float32)

@@ -199,8 +199,8 @@ class _Problem:
         self.acq = acq
         self.t1_affine = np.asarray(t1_affine, float)
         self.t1_inv = np.linalg.inv(self.t1_affine)
-        self.t1_vox = float(np.linalg.norm(self.t1_affine[:3, :3], axis=0).min())
-        inside = dilate_mm(mask, np.linalg.norm(self.t1_affine[:3, :3], axis=0), opts.mask_dilate_mm)
+        self.t1_vox = float(nib.affines.voxel_sizes(self.t1_affine).min())
+        inside = dilate_mm(mask, nib.affines.voxel_sizes(self.t1_affine), opts.mask_dilate_mm)
         lo, hi = np.percentile(t1[mask], [0.5, 99.5])
         self.t1n = np.clip((t1 - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
         # target voxels whose centre falls in the dilated brain under the initial transform
@@ -232,7 +232,7 @@ class _Problem:
 
     def set_level(self, sigma_mm: float) -> None:
         """Prepare the blurred T1w, its gradient and the blurred data for one level (extra blur ``sigma_mm``)."""
-        acq, zooms_t1 = self.acq, np.linalg.norm(self.t1_affine[:3, :3], axis=0)
+        acq, zooms_t1 = self.acq, nib.affines.voxel_sizes(self.t1_affine)
         s_ip = np.sqrt(_inplane_sigma_mm(acq, self.t1_vox) ** 2 + sigma_mm ** 2)
         vol = ndimage.gaussian_filter(self.t1n, s_ip / zooms_t1, truncate=3.0) if s_ip > 0 else self.t1n
         grads = np.gradient(vol)  # per T1w voxel index

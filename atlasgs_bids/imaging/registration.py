@@ -144,7 +144,7 @@ def to_ants(img: nib.spatialimages.SpatialImage, data: np.ndarray | None = None)
     if data is None:
         data = _volume(img, "input")
     affine_ants, s = _deshear(np.asarray(img.affine, dtype=np.float64))
-    zooms = np.linalg.norm(affine_ants[:3, :3], axis=0)
+    zooms = nib.affines.voxel_sizes(affine_ants)
     direction = _LPS[:, None] * (affine_ants[:3, :3] / zooms)
     origin = _LPS * affine_ants[:3, 3]
     out = ants.from_numpy(
@@ -255,11 +255,11 @@ def register_rigid(
         mask = np.asarray(fixed_mask.dataobj).reshape(fixed_data.shape) > 0
         if not mask.any():
             raise InputError(f"{mname}: the brain mask is empty")
-        mask = dilate_mm(mask, np.linalg.norm(fixed.affine[:3, :3], axis=0), mask_dilate_mm)
+        mask = dilate_mm(mask, nib.affines.voxel_sizes(fixed.affine), mask_dilate_mm)
         mask_ants, _ = to_ants(fixed, mask.astype(np.float32))
 
-    fixed_vox = float(np.min(np.linalg.norm(fixed.affine[:3, :3], axis=0)))
-    moving_thick = float(np.max(np.linalg.norm(moving.affine[:3, :3], axis=0)))
+    fixed_vox = float(np.min(nib.affines.voxel_sizes(fixed.affine)))
+    moving_thick = float(np.max(nib.affines.voxel_sizes(moving.affine)))
     sigmas = []
     for f in shrink_factors:
         if f <= 1:

@@ -37,7 +37,8 @@ from atlasgs_bids.atomic import atomic_write_bytes
 
 from atlasgs_bids.errors import InputError
 
-__all__ = ["LPS_FLIP", "itk_to_ras", "ras_to_itk", "write_itk_affine", "read_itk_affine", "rotation_angle_deg"]
+__all__ = ["LPS_FLIP", "itk_to_ras", "ras_to_itk", "write_itk_affine", "read_itk_affine", "read_target2t1w",
+           "rotation_angle_deg"]
 
 #: ``diag(-1, -1, 1, 1)``: converts homogeneous points between RAS and LPS (its own inverse).
 LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -195,6 +196,22 @@ def read_itk_affine(path: str | os.PathLike) -> np.ndarray:
             raise InputError(f"{path}: {kind} needs 12 parameters, found {params.size}")
         return itk_to_ras(_lps_from_parameters(params, fixed))
     return itk_to_ras(_lps_from_ants(path))
+
+
+def read_target2t1w(xfm_file: str | os.PathLike) -> np.ndarray:
+    """The target -> T1w map (target world RAS mm -> T1w world RAS mm) of a registration's transform file.
+
+    ``xfm_file`` resamples the target onto the T1w (BIDS ``from-<suffix>_to-T1w_mode-image``, or antspyx's
+    ``fwdtransforms`` with the T1w fixed), so it holds the pull map **T1w -> target** (:func:`read_itk_affine`);
+    this returns its inverse, the direction the forward model and the figures use. Shape (4, 4).
+
+    >>> import tempfile
+    >>> shift = np.eye(4); shift[:3, 3] = [1.0, -2.0, 3.0]  # T1w point + shift = target point
+    >>> path = write_itk_affine(Path(tempfile.mkdtemp()) / "xfm.txt", shift)
+    >>> read_target2t1w(path)[:3, 3].tolist()
+    [-1.0, 2.0, -3.0]
+    """
+    return np.linalg.inv(read_itk_affine(xfm_file))
 
 
 def _lps_from_ants(path: Path) -> np.ndarray:

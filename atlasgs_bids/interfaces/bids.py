@@ -30,8 +30,8 @@ DROPPED_META = (
 #: Sidecar keys atlasgs-bids writes itself; a source key of the same name is replaced, not inherited.
 OWN_KEYS = ("Sources", "SpatialReference", "Description", "Method", "Parameters", "Version", "Metrics", "Runtime",
             "Device", "SkullStripped", "QCFlags")
-METHOD = ("AtlasGS: a 3D Gaussian scaffold fitted to the subject's T1w (stage 1); per-Gaussian target intensities "
-          "fitted through the target's slice profile and rigid transform (stage 2); rendered on the T1w grid")
+METHOD = ("AtlasGS: a 3D Gaussian scaffold built on the subject's T1w, one Gaussian per voxel (stage 1); "
+          "per-Gaussian target intensities fitted through the target's slice profile and rigid transform (stage 2); rendered on the T1w grid")
 
 
 def inherit_metadata(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -16,10 +16,10 @@ def rotate_bvec_file(bvec_file: str | os.PathLike, target_file: str | os.PathLik
     ``xfm_file`` resamples the target onto the T1w (T1w -> target RAS), so ``target2t1w`` is its inverse.
     """
     from atlasgs_bids.imaging.bvecs import rotate_bvecs
-    from atlasgs_bids.imaging.transforms import read_itk_affine
+    from atlasgs_bids.imaging.transforms import read_target2t1w
 
     bvecs = np.loadtxt(bvec_file, ndmin=2)
-    target2t1w = np.linalg.inv(read_itk_affine(xfm_file))
+    target2t1w = read_target2t1w(xfm_file)
     out = rotate_bvecs(bvecs, nib.load(str(target_file)).affine, target2t1w, nib.load(str(t1w_file)).affine)
     out_file = Path(out_file)
     np.savetxt(out_file, np.asarray(out), fmt="%.6f")

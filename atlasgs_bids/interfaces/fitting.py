@@ -10,8 +10,6 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
-from atlasgs_bids.interfaces.progress import Progress
-
 
 def _threads(n: int) -> None:
     import torch
@@ -20,21 +18,18 @@ def _threads(n: int) -> None:
         torch.set_num_threads(int(n))
 
 
-def fit_scaffold_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, out_file: str | os.PathLike, *,
-                      quality: str = "default", seed: int = 0, device: str = "cpu", threads: int = 1) -> dict:
-    """Fit the scaffold to the RAS+ T1w inside the mask; save it (``.npz`` + ``.json``); return fit statistics."""
+def fit_scaffold_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, out_file: str | os.PathLike) -> dict:
+    """Build the lattice scaffold of the RAS+ T1w inside the mask (one Gaussian per voxel, nothing fitted: no quality,
+    seed or device to choose); save it (``.npz`` + ``.json``); return ``n_gaussians`` and ``seconds``."""
     from atlasgs_bids.gaussians.io import save_scaffold
-    from atlasgs_bids.gaussians.scaffold import ScaffoldOptions, fit_scaffold
+    from atlasgs_bids.gaussians.scaffold import lattice_scaffold
 
-    _threads(threads)
     t0 = time.perf_counter()
     t1w = nib.load(str(t1w_file))
     mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
-    scaffold = fit_scaffold(t1w.get_fdata(dtype=np.float32), t1w.affine, mask, ScaffoldOptions.preset(quality),
-                            seed=seed, device=device, progress=Progress("scaffold"))
+    scaffold = lattice_scaffold(t1w.get_fdata(dtype=np.float32), t1w.affine, mask)
     save_scaffold(scaffold, out_file)
-    return {"n_gaussians": int(scaffold.n_gaussians), "seconds": time.perf_counter() - t0, "quality": quality,
-            "seed": seed, "device": device}
+    return {"n_gaussians": int(scaffold.n_gaussians), "seconds": time.perf_counter() - t0}
 
 
 def harmonize_file(scaffold_file: str | os.PathLike, target_file: str | os.PathLike,
@@ -176,12 +171,9 @@ def json_safe(obj):
 
 
 class _ScaffoldInputSpec(BaseInterfaceInputSpec):
+    # the lattice depends on these two files alone: --quality, --seed or --device never invalidate a cached scaffold
     t1w_file = File(exists=True, mandatory=True, desc="RAS+ T1w")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the T1w grid")
-    quality = traits.Enum("fast", "default", "best", usedefault=True, desc="ScaffoldOptions preset")
-    seed = traits.Int(0, usedefault=True, desc="initialisation seed")
-    device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
-    threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")
 
 
 class _ScaffoldOutputSpec(TraitedSpec):
@@ -192,15 +184,14 @@ class _ScaffoldOutputSpec(TraitedSpec):
 
 
 class FitScaffold(SimpleInterface):
-    """Stage 1: fit the subject's Gaussian scaffold to the T1w (:func:`fit_scaffold_file`)."""
+    """Stage 1: the subject's lattice scaffold on the T1w (:func:`fit_scaffold_file`)."""
 
     input_spec = _ScaffoldInputSpec
     output_spec = _ScaffoldOutputSpec
 
     def _run_interface(self, runtime):
         out = Path(runtime.cwd) / "scaffold.npz"
-        info = fit_scaffold_file(self.inputs.t1w_file, self.inputs.mask_file, out, quality=self.inputs.quality,
-                                 seed=self.inputs.seed, device=self.inputs.device, threads=self.inputs.threads)
+        info = fit_scaffold_file(self.inputs.t1w_file, self.inputs.mask_file, out)
         self._results.update(out_file=str(out), out_json=str(out.with_suffix(".json")),
                              n_gaussians=info["n_gaussians"], seconds=info["seconds"])
         return runtime

@@ -15,6 +15,7 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 
 from atlasgs_bids.errors import ProcessingError
 from atlasgs_bids.interfaces.fitting import json_safe
+from atlasgs_bids.presets import QUALITIES
 
 
 def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLike, ref_file: str | os.PathLike,
@@ -26,7 +27,7 @@ def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLi
     fail threshold, or antspyx's metric no better than at its centre-of-mass start while the refinement could not
     lower the model misfit either)."""
     from atlasgs_bids.imaging.acquisition import Acquisition
-    from atlasgs_bids.imaging.transforms import read_itk_affine
+    from atlasgs_bids.imaging.transforms import read_target2t1w
     from atlasgs_bids.qc.registration import registration_qc, restart_spread
 
     reg = json.loads(Path(registration_report).read_text()) if registration_report else {}
@@ -36,7 +37,7 @@ def registration_qc_file(t1w_file: str | os.PathLike, mask_file: str | os.PathLi
             f"{target_name}: registration to the T1w failed: antspyx ended with a mutual information ({mi:.4f}) no "
             f"better than at its centre-of-mass start ({mi0:.4f}), and the slice-aware refinement did not lower "
             "the misfit either; check the target's orientation/header, or its field of view")
-    target2t1w = np.linalg.inv(read_itk_affine(xfm_file))
+    target2t1w = read_target2t1w(xfm_file)
     t1w, mask, ref = nib.load(str(t1w_file)), nib.load(str(mask_file)), nib.load(str(ref_file))
     out = registration_qc(t1w, mask, ref, target2t1w)
     acq = Acquisition.from_geometry(ref.affine, ref.shape[:3], slice_thickness=slice_thickness)
@@ -63,14 +64,14 @@ def self_validation_file(scaffold_file: str | os.PathLike, target_file: str | os
     from atlasgs_bids.gaussians.io import load_scaffold
     from atlasgs_bids.imaging.acquisition import Acquisition
     from atlasgs_bids.imaging.nifti import load_nifti
-    from atlasgs_bids.imaging.transforms import read_itk_affine
+    from atlasgs_bids.imaging.transforms import read_target2t1w
     from atlasgs_bids.qc.selfval import self_validate
 
     target = load_nifti(target_file)
     data = np.asanyarray(target.dataobj)
     data = np.asarray(data[..., 0] if data.ndim == 4 else data, dtype=np.float32)
     acq = Acquisition.from_geometry(target.affine, data.shape[:3], slice_thickness=slice_thickness)
-    result = self_validate(load_scaffold(scaffold_file), data, acq, np.linalg.inv(read_itk_affine(xfm_file)),
+    result = self_validate(load_scaffold(scaffold_file), data, acq, read_target2t1w(xfm_file),
                            AppearanceOptions.preset(quality), seed=seed, device=device)
     return None if result is None else result.to_json()
 
@@ -148,7 +149,7 @@ class _SelfValInputSpec(BaseInterfaceInputSpec):
     target_file = File(exists=True, mandatory=True, desc="target NIfTI on its own grid")
     xfm_file = File(exists=True, mandatory=True, desc="ITK transform resampling the target onto the T1w")
     slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm")
-    quality = traits.Enum("fast", "default", "best", usedefault=True, desc="AppearanceOptions preset")
+    quality = traits.Enum(*QUALITIES, usedefault=True, desc="AppearanceOptions preset")
     seed = traits.Int(0, usedefault=True, desc="chooses the held-out slices")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
     threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")

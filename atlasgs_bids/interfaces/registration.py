@@ -1,7 +1,6 @@
 """Per-target interfaces: the 3D reference volume and the rigid registration to the T1w."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -12,33 +11,16 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 
-def read_aslcontext(path: str | os.PathLike) -> list[str]:
-    """The ``volume_type`` column of an ``_aslcontext.tsv`` (one entry per volume)."""
-    with open(path, newline="") as fh:
-        return [row["volume_type"] for row in csv.DictReader(fh, delimiter="\t")]
-
-
-def reference_array(img: nib.spatialimages.SpatialImage, *, modality: str,
-                    bval_file: str | os.PathLike | None = None, aslcontext_file: str | os.PathLike | None = None,
-                    source: str | os.PathLike | None = None) -> np.ndarray:
-    """The target's 3D reference (itself; mean b0 for dwi; mean control or M0 for asl), float32, its own grid."""
-    from atlasgs_bids.imaging.reference import reference_volume
-
-    bvals = np.loadtxt(bval_file, ndmin=1) if bval_file else None
-    context = read_aslcontext(aslcontext_file) if aslcontext_file else None
-    return np.asarray(reference_volume(img.get_fdata(dtype=np.float32), modality=modality, bvals=bvals,
-                                       aslcontext=context, source=str(source) if source else None),
-                      dtype=np.float32)
-
-
 def make_reference(in_file: str | os.PathLike, out_file: str | os.PathLike, *, modality: str,
                    bval_file: str | os.PathLike | None = None,
                    aslcontext_file: str | os.PathLike | None = None) -> Path:
-    """Write the target's 3D reference (:func:`reference_array`) on its own grid."""
+    """Write the target's 3D reference (itself; mean b0 for dwi; mean control or M0 for asl) on its own grid
+    (:func:`atlasgs_bids.imaging.reference.reference_array`)."""
     from atlasgs_bids.imaging.nifti import load_nifti, save_nifti
+    from atlasgs_bids.imaging.reference import reference_array
 
     img = load_nifti(in_file)
-    ref = reference_array(img, modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
+    ref = reference_array(img.get_fdata(dtype=np.float32), modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
                           source=in_file)
     return save_nifti(nib.Nifti1Image(ref, img.affine), out_file)
 

@@ -110,7 +110,7 @@ def registration_qc(t1w: nib.Nifti1Image, brain_mask: nib.Nifti1Image, target_re
     sel = mask & fov
     n = int(sel.sum())
     signed = metrics.ncc(moved, t1, sel) if n >= MIN_OVERLAP_VOXELS else 0.0
-    zooms = np.linalg.norm(t1w.affine[:3, :3], axis=0)
+    zooms = nib.affines.voxel_sizes(t1w.affine)
     sig = EDGE_SIGMA_MM / zooms
     g_t1 = ndimage.gaussian_gradient_magnitude(t1, sig)
     g_mv = ndimage.gaussian_gradient_magnitude(moved, sig)
@@ -165,6 +165,6 @@ def restart_spread(t1w: nib.Nifti1Image, brain_mask: nib.Nifti1Image, target_ref
         res = refine_rigid(t1w, brain_mask, target_ref, start, acquisition, RefineOptions(levels_mm=(1.0, 0.0)))
         spread_mm = max(spread_mm, max_displacement_mm(res.target2t1w, m, surf))
         spread_deg = max(spread_deg, rotation_angle_deg(res.target2t1w[:3, :3].T @ m[:3, :3]))
-    warn = max(SPREAD_WARN_MM, SPREAD_WARN_VOXELS * float(np.linalg.norm(t1w.affine[:3, :3], axis=0).max()))
+    warn = max(SPREAD_WARN_MM, SPREAD_WARN_VOXELS * float(nib.affines.voxel_sizes(t1w.affine).max()))
     return {"spread_mm": float(spread_mm), "spread_deg": float(spread_deg), "warn_threshold_mm": warn,
             "flag": bool(spread_mm > warn), "seconds": time.perf_counter() - t0}

@@ -478,22 +478,22 @@ def report_target(root: str | os.PathLike, *, target_file: str | os.PathLike, mo
     """Draw and save every figure of one target under ``root``; with ``keep_qc`` also save its QC record and
     residual under ``sub-X/qc/`` (the inputs of ``--reports-only``). Returns kind -> figure path under ``root``.
 
-    ``xfm_file`` is the ``from-<suffix>_to-T1w_mode-image`` ITK transform (T1w RAS -> target RAS, as read by
-    :func:`atlasgs_bids.imaging.transforms.read_itk_affine`).
+    ``xfm_file`` is the ``from-<suffix>_to-T1w_mode-image`` ITK transform (holding T1w RAS -> target RAS; the
+    figures use its inverse, :func:`atlasgs_bids.imaging.transforms.read_target2t1w`).
     """
-    from atlasgs_bids.imaging.transforms import read_itk_affine
-    from atlasgs_bids.interfaces.registration import reference_array
+    from atlasgs_bids.imaging.reference import reference_array
+    from atlasgs_bids.imaging.transforms import read_target2t1w
 
     stem = target_stem(target_file)
     target_img = nib.load(str(target_file))
     ref = (np.asarray(nib.load(str(target_ref_file)).dataobj, dtype=np.float32) if target_ref_file
-           else reference_array(target_img, modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
+           else reference_array(target_img.get_fdata(dtype=np.float32), modality=modality, bval_file=bval_file, aslcontext_file=aslcontext_file,
                                 source=target_file))
     residual_img = nib.load(str(residual_file)) if residual_file else None
     figures = draw_target_figures(
         t1w_img=nib.load(str(t1w_file)), mask_img=nib.load(str(mask_file)) if mask_file else None,
         target_img=target_img, target_ref=ref, harmonized_img=nib.load(str(harmonized_file)),
-        target2t1w=np.linalg.inv(read_itk_affine(xfm_file)), residual_img=residual_img, qc=qc)
+        target2t1w=read_target2t1w(xfm_file), residual_img=residual_img, qc=qc)
     if keep_qc:
         if qc is not None:
             bd.atomic_write_json(Path(root) / qc_path(stem), qc)

@@ -9,10 +9,11 @@ from nipype.pipeline import engine as pe
 from atlasgs_bids.bids import derivatives as bd
 from atlasgs_bids.bids.layout import SubjectInputs
 from atlasgs_bids.config import Config
+from atlasgs_bids.device import resolve_device
 from atlasgs_bids.interfaces.anat import BrainMask, Reorient
 from atlasgs_bids.interfaces.bids import DerivativesSink
 from atlasgs_bids.interfaces.fitting import FitScaffold
-from atlasgs_bids.workflows.target import init_target_wf, resolve_device
+from atlasgs_bids.workflows.target import init_target_wf
 
 
 def mask_method(subject_inputs: SubjectInputs, config: Config) -> str:
@@ -80,8 +81,9 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
                  "deepbet": "computed with deepbet"}[method]
     wf.__desc__ = (
         f"The T1w ({si.t1w.name}) was reoriented to RAS+; its brain mask was {mask_text}. A 3D Gaussian scaffold "
-        f"was fitted to the brain-masked T1w (quality preset '{config.fit.quality}', seed {config.fit.seed}, "
-        f"device {device}) and reused for every target ({', '.join(t.path.name for t in si.targets)})."
+        "was built on the T1w grid, one Gaussian per voxel of the brain mask grown by one voxel (centred on the "
+        "voxel, its width the voxel's, its amplitude the normalised T1w there; nothing fitted), and reused for "
+        f"every target ({', '.join(t.path.name for t in si.targets)})."
     )
 
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w_file", "t1w_mask"]), name="inputnode")
@@ -92,8 +94,7 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
                          name="outputnode")
     reorient = pe.Node(Reorient(), name="t1w_reorient")
     brain_mask = pe.Node(BrainMask(method=method, device=device), name="brain_mask", n_procs=threads)
-    scaffold = pe.Node(FitScaffold(quality=config.fit.quality, seed=config.fit.seed, device=device,
-                                   threads=threads), name="fit_scaffold", n_procs=threads)
+    scaffold = pe.Node(FitScaffold(), name="fit_scaffold")
     wf.connect([
         (inputnode, reorient, [("t1w_file", "in_file")]),
         (reorient, brain_mask, [("out_file", "in_file")]),
@@ -156,11 +157,7 @@ def _connect_report(wf: pe.Workflow, si: SubjectInputs, config: Config, target_w
     wf.connect([(reorient, report, [("out_file", "t1w_preproc")]), (brain_mask, report, [("out_file", "brain_mask")]),
                 (report, outputnode, [("out_report", "report")])])
     fields = {"target_ref": "target_refs", "target2t1w_xfm": "xfms", "harmonized": "harmonized",
-              "sidecar": "sidecars"}
-    # the QC record and residual come from the target workflow's qc node (issue 4); without it the report still
-    # shows the registration overlay and the mosaics
-    if all(hasattr(twf.get_node("outputnode").inputs, "qc_json") for twf in target_wfs):
-        fields.update(qc_json="qc_jsons", residual="residuals")
+              "sidecar": "sidecars", "qc_json": "qc_jsons", "residual": "residuals"}
     for out_field, in_field in fields.items():
         merge = pe.Node(niu.Merge(len(target_wfs)), name=f"merge_report_{in_field}")
         for i, twf in enumerate(target_wfs, start=1):

@@ -10,21 +10,13 @@ from nipype.pipeline import engine as pe
 from atlasgs_bids.bids import derivatives as bd
 from atlasgs_bids.bids.layout import TargetInput
 from atlasgs_bids.config import Config
+from atlasgs_bids.device import resolve_device
 from atlasgs_bids.interfaces.bids import DerivativesSink, TargetSidecar
 from atlasgs_bids.interfaces.dwi import RotateBvecs
 from atlasgs_bids.interfaces.fitting import Harmonize
 from atlasgs_bids.interfaces.qc import RegistrationQC, SelfValidation, TargetQC
 from atlasgs_bids.interfaces.registration import ReferenceVolume, RigidRegistration
 from atlasgs_bids.version import __version__
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda`` unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def target_wf_name(target_file: str | Path) -> str:
