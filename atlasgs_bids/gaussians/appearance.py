@@ -59,6 +59,8 @@ class AppearanceOptions:
     bound_iter : projected-gradient iterations after CG that enforce the bounds
     tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
         (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
+    coarse_block : side (T1w voxels) of the aggregates of CG's two-level preconditioner
+        (:mod:`atlasgs_bids.gaussians.precondition`); 0: Jacobi only
     noise_lam : raise ``lam`` to :func:`noise_set_lambda` of the target's own noise estimate (no extra fit; the
         presets set it; ignored when ``tune`` chose lambda)
     """
@@ -78,6 +80,7 @@ class AppearanceOptions:
     bound_iter: int = 100
     tune: bool = False
     noise_lam: bool = False
+    coarse_block: int = 8
 
     def __post_init__(self) -> None:
         if self.basis not in ("affine", "intensity"):
@@ -236,7 +239,8 @@ def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device, 
     rows = np.concatenate([i, diag_idx])
     cols = np.concatenate([j, diag_idx])
     vals = np.concatenate([-ww, deg])
-    return SparseMatrix(torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(vals, dtype=torch.float32), (n, n), device)
+    return SparseMatrix(torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(vals, dtype=torch.float32), (n, n), device,
+                        symmetric=True)
 
 
 def fit_appearance(
@@ -323,6 +327,7 @@ def fit_appearance(
     coeffs, info = fit_coefficients(
         a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0,
         bounds=(lower, upper), bound_iter=opts.bound_iter,
+        coarse=(scaffold.t1w_grid.to_voxels(scaffold.means.numpy()), opts.coarse_block) if opts.coarse_block else None,
     )
     pred = a_mat.matmul(coeffs)
     resid = y - pred
@@ -332,6 +337,7 @@ def fit_appearance(
         "seconds": seconds,
         "seconds_build": t_build,
         "iterations": info["iterations"],
+        "coarse": info.get("coarse"),  # the two-level preconditioner (block, coarse unknowns, seconds) or None
         "history": info["relative_residual"],
         "residual_rms": float(resid.pow(2).mean().sqrt()),
         "n_measurements": int(len(ijk)),

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.field import CUTOFF
+from atlasgs_bids.gaussians.field import CUTOFF, quat_scale_to_covar
 from atlasgs_bids.imaging.grid import Grid
 
 #: [points x offsets] evaluated at once; bounds one chunk's memory (~40 bytes a pair).
@@ -82,7 +82,7 @@ def as_lattice(scaffold, *, tol: float = 1e-3, device: str | torch.device = "cpu
     index[tuple(nodes.T)] = np.arange(len(nodes))
     if int((index >= 0).sum()) != len(nodes):  # two Gaussians on one node: not a lattice
         return None
-    cov = scaffold.covs()[:1].detach().cpu().double().numpy()[0]
+    cov = quat_scale_to_covar(q[:1].double(), s[:1].double()).detach().cpu().numpy()[0]
     return Lattice(grid=grid, index=torch.as_tensor(index, device=torch.device(device)), cov=cov)
 
 
