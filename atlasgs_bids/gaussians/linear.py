@@ -95,7 +95,8 @@ def fit_coefficients(
     if coarse is not None:
         smoother = m_inv if nb > 1 else BlockJacobi.build(basis, col_sq, reg_diag)
         two = two_level(a_mat, basis, laplacian, lams, smoother, coarse[0], block=int(coarse[1]), ridge=ridge)
-        m_inv, coarse_info = two, {"block": int(coarse[1]), "n_coarse": two.n_coarse * nb, "seconds": two.seconds}
+        m_inv, coarse_info = two, {"block": int(coarse[1]), "n_coarse": two.n_coarse * nb, "seconds": two.seconds,
+                                  "factor_nnz": int(two.lu.L.nnz + two.lu.U.nnz)}
     v, info = conjugate_gradient(normal, rhs, m_inv, x0=x0, max_iter=max_iter, tol=tol)
     info["coarse"] = coarse_info
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
