@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_measure, scaffold_operator, target_vox2t1w,
-                                            voxel_centres)
+from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_lattice, scaffold_measure, scaffold_operator,
+                                            target_vox2t1w, voxel_centres)
+from atlasgs_bids.gaussians.lattice import neighbours as lattice_neighbours
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
@@ -200,11 +201,17 @@ def overlap_normaliser(scaffold: Scaffold, device: str | torch.device = "cpu") -
 def scaffold_neighbours(scaffold: Scaffold, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each Gaussian's ``k`` nearest other Gaussians: distances [N, k] (mm) and indices [N, k] (int).
 
-    Computed once per scaffold object and ``k``.
+    Computed once per scaffold object and ``k``; on a lattice from the node index
+    (:func:`~atlasgs_bids.gaussians.lattice.neighbours`), else by a k-d tree. The two differ only in how they break
+    ties between equally distant neighbours.
     """
     def compute() -> tuple[np.ndarray, np.ndarray]:
         from scipy.spatial import cKDTree
 
+        lat = scaffold_lattice(scaffold)
+        found = None if lat is None else lattice_neighbours(lat, min(k, scaffold.n_gaussians - 1))
+        if found is not None:  # the node index answers directly; ties at equal distance in offset order
+            return found
         means = scaffold.means.detach().cpu().numpy().astype(np.float64)
         kk = min(k, len(means) - 1)
         dist, nbr = cKDTree(means).query(means, k=kk + 1)
