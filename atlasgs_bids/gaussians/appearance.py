@@ -24,10 +24,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+from nibabel.affines import apply_affine
 import torch
 
 from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_lattice, scaffold_measure, scaffold_operator,
-                                            target_vox2t1w, voxel_centres)
+                                            target_vox2t1w)
 from atlasgs_bids.gaussians.lattice import neighbours as lattice_neighbours
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
@@ -160,7 +161,7 @@ def _mask_fraction(scaffold: Scaffold, vox2t1w: np.ndarray, ijk: np.ndarray, acq
     t1_inv = np.linalg.inv(scaffold.t1w_affine)
     axis_dir = vox2t1w[:3, acquisition.slice_axis]
     half = 0.5 * acquisition.fwhm_vox[acquisition.slice_axis]
-    base = voxel_centres(vox2t1w, ijk)
+    base = apply_affine(vox2t1w, ijk)
     frac = np.zeros(len(ijk))
     mask = scaffold.mask.astype(np.float32)
     for off in np.linspace(-half, half, 5):
