@@ -4,7 +4,8 @@ Solves, for every column (volume) of ``y``,
 
     min_v ||y - A (sum_k basis_k * v_k)||^2 + sum_k lam_k v_k^T L v_k + ridge ||v||^2
 
-by Jacobi-preconditioned conjugate gradients on the normal equations. ``A`` [M, N] is a sparse measurement
+by preconditioned conjugate gradients on the normal equations: block Jacobi over each Gaussian's channels, plus a
+coarse-grid correction when ``coarse`` is given (:mod:`atlasgs_bids.gaussians.precondition`). ``A`` [M, N] is a sparse measurement
 operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels, ``L`` [N, N] a graph
 Laplacian (or none).
 
