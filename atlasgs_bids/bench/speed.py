@@ -1,4 +1,4 @@
-"""``atlasgs-bids bench --speed``: what one target costs, beside its voxel-basis twin, and what a 4D series costs.
+"""``atlasgs-bids bench --speed [--factors 5] [--degradations gaussian] [--volumes 30]``: what one target costs, beside its voxel-basis twin, and what a 4D series costs.
 
 One simulated thick-slice case of the MNI152 pair (x5 Gaussian profile by default, the case of issue 14):
 
@@ -14,7 +14,6 @@ outside the timings (as in the app, where stage 1 is its own node).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -121,26 +120,3 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| {r['method']} | {r['seconds']} | {r['peak_rss_mb']} ({r['rss_start_mb']}) | "
                      f"{r.get('psnr', '-')} | {json.dumps(details)} |")
     path.write_text("\n".join(lines) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atlasgs_bids.bench.speed", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, type=Path, help="shared/data/mni152-hcp")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--factor", type=int, default=5)
-    parser.add_argument("--degradation", choices=cases.DEGRADATIONS, default="gaussian")
-    parser.add_argument("--quality", default="default")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--volumes", type=int, default=30, help="volumes of the 4D series row (1: skip it)")
-    parser.add_argument("--crop", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
-    from atlasgs_bids.device import resolve_device
-
-    run_speed(args.data, args.out, factor=args.factor, degradation=args.degradation, quality=args.quality,
-              device=resolve_device(args.device), volumes=args.volumes, crop=args.crop)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
