@@ -213,11 +213,11 @@ def operator(lattice: Lattice, points_vox: np.ndarray, kerns: list[Kernel], *, c
     cols, vals = [], []
     for start, rows, gauss, v in weights(lattice, points_vox, kerns, cutoff=cutoff, chunk_pairs=chunk_pairs):
         counts.index_add_(0, start + rows, torch.ones_like(rows))
-        cols.append(gauss)
+        cols.append(gauss.to(torch.int32))  # half the memory of int64 while the chunks accumulate
         vals.append(v)
     indptr = torch.zeros(m + 1, dtype=torch.long, device=counts.device)
     indptr[1:] = torch.cumsum(counts, 0)
-    empty = torch.zeros(0, dtype=torch.long, device=counts.device)
+    empty = torch.zeros(0, dtype=torch.int32, device=counts.device)
     return SparseMatrix.from_csr(indptr, torch.cat(cols) if cols else empty,
                                  torch.cat(vals) if vals else torch.zeros(0, device=counts.device),
                                  (m, lattice.n_gaussians), lattice.index.device)

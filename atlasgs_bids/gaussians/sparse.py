@@ -37,21 +37,38 @@ class SparseMatrix:
             self.nnz = int(coo.values().numel())
 
     @classmethod
+    def from_scipy(cls, mat: sp.csr_matrix, device: torch.device, *, symmetric: bool = False) -> "SparseMatrix":
+        """A matrix from a scipy CSR matrix (kept as it is, float32, on the CPU; copied to torch CSR on CUDA)."""
+        mat = mat.tocsr().astype(np.float32, copy=False)
+        if not mat.has_sorted_indices:
+            mat.sort_indices()
+        self = cls.__new__(cls)
+        self.shape = (int(mat.shape[0]), int(mat.shape[1]))
+        self.device = torch.device(device)
+        self.nnz = int(mat.nnz)
+        if self.device.type == "cpu":
+            self._fwd = mat
+            self._adj = mat if symmetric else mat.T.tocsr()
+        else:
+            self._fwd = torch.sparse_csr_tensor(torch.as_tensor(mat.indptr, dtype=torch.long),
+                                                torch.as_tensor(mat.indices, dtype=torch.long),
+                                                torch.as_tensor(mat.data), self.shape, device=self.device)
+            self._adj = self._fwd if symmetric else self._fwd.t().to_sparse_csr()
+        return self
+
+    @classmethod
     def from_csr(cls, indptr: torch.Tensor, indices: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
                  device: torch.device) -> "SparseMatrix":
-        """A matrix from CSR arrays (rows in order; no duplicate columns within a row)."""
+        """A matrix from CSR arrays (torch tensors; rows in order, no duplicate columns within a row)."""
+        if torch.device(device).type == "cpu":
+            mat = sp.csr_matrix((vals.numpy().astype(np.float32, copy=False),
+                                 indices.numpy().astype(np.int32, copy=False), indptr.numpy()), shape=shape)
+            return cls.from_scipy(mat, device)
         self = cls.__new__(cls)
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            mat = sp.csr_matrix((vals.numpy().astype(np.float32, copy=False), indices.numpy().astype(np.int32),
-                                 indptr.numpy()), shape=self.shape)
-            if not mat.has_sorted_indices:
-                mat.sort_indices()
-            self._fwd, self._adj = mat, mat.T.tocsr()
-        else:
-            self._fwd = torch.sparse_csr_tensor(indptr, indices, vals.float(), self.shape)
-            self._adj = self._fwd.t().to_sparse_csr()
+        self._fwd = torch.sparse_csr_tensor(indptr.long(), indices.long(), vals.float(), self.shape)
+        self._adj = self._fwd.t().to_sparse_csr()
         self.nnz = int(vals.numel())
         return self
 
