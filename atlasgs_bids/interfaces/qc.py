@@ -97,7 +97,8 @@ def qc_document(*, target: str, modality: str, version: str, device: str, parame
     reg["ncc_definition"] = "NCC of gradient-magnitude (edge) maps, T1w brain mask in the target's field of view"
     fit = {"relative_residual": appearance.get("relative_residual"), "iterations": appearance.get("iterations"),
            "history": [float(v) for v in appearance.get("history") or []], "seconds": appearance.get("seconds"),
-           "render_seconds": appearance.get("render_seconds"), "n_gaussians": appearance.get("n_gaussians")}
+           "render_seconds": appearance.get("render_seconds"), "n_gaussians": appearance.get("n_gaussians"),
+           "preconditioner": appearance.get("coarse")}
     flags = []
     if reg.get("flag"):
         flags.append("registration_poor")
