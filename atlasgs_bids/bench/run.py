@@ -328,7 +328,8 @@ def _params_text(row: dict) -> str:
     if row["method"] == "voxel-basis":
         return f"lambda={p.get('lambda'):g}, h={p.get('h'):g}, {p.get('iterations')} CG it"
     if row["method"].startswith("atlasgs"):
-        return ", ".join(f"{k}={v}" for k, v in p.items() if k != "history")
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()
+                         if k != "history")
     return ""
 
 
