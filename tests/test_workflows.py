@@ -215,7 +215,7 @@ def test_precomputed_mask_must_be_on_t1w_grid(tmp_path):
 def test_field_of_view_mask_rigid_slab():
     """A 10-slice axial slab (3 mm) shifted 12 mm up and rotated 90 deg about z: exactly the T1w voxels whose
     centres fall inside it are kept."""
-    from atlasgs_bids.interfaces.fitting import field_of_view_mask
+    from atlasgs_bids.imaging.grid import field_of_view_mask
 
     t1w_aff = np.diag([2.0, 2.0, 2.0, 1.0])
     t1w_aff[:3, 3] = -20.0

@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from atlasgs_bids.bench import baselines, cases
@@ -165,11 +166,10 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------------------------- the core
 def load_core() -> argparse.Namespace:
-    """The core's stage 2 and render (``AppearanceOptions``, ``fit_appearance``, ``render``) as a namespace."""
-    from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
-    from atlasgs_bids.gaussians.render import render
+    """The app's stage-2 entry point (``harmonize``, ``HarmonizeOptions``) as a namespace."""
+    from atlasgs_bids.harmonize import HarmonizeOptions, harmonize
 
-    return argparse.Namespace(AppearanceOptions=AppearanceOptions, fit_appearance=fit_appearance, render=render)
+    return argparse.Namespace(harmonize=harmonize, HarmonizeOptions=HarmonizeOptions)
 
 
 def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, seed: int, device: str,
@@ -186,10 +186,12 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
 
 
 def _core_reconstruct(core, scaffold, case, subject, quality, device):
-    appearance = core.fit_appearance(scaffold, case.thick, case.acquisition, np.eye(4),
-                                     core.AppearanceOptions.preset(quality), device=device)
-    pred = core.render(appearance, subject.affine, subject.shape, device=device, mask=subject.mask)
-    diag = dict(getattr(appearance, "diagnostics", {}) or {})
+    # The app's own entry point, with the case's simulated slice profile as the acquisition model.
+    result = core.harmonize(scaffold, nib.Nifti1Image(case.thick, case.thick_affine), np.eye(4),
+                            nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
+                            core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+    pred = np.asarray(result.image.dataobj)
+    diag = result.diagnostics
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
     options = diag.get("options") or {}
     params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)

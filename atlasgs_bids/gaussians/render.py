@@ -6,6 +6,7 @@ import torch
 
 from atlasgs_bids.gaussians.appearance import Appearance
 from atlasgs_bids.gaussians.forward import psf_covariance, scaffold_measure, voxel_centres
+from atlasgs_bids.imaging.grid import Grid
 
 
 def _default_mask(appearance: Appearance, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -14,19 +15,6 @@ def _default_mask(appearance: Appearance, affine: np.ndarray, shape: tuple[int, 
     if tuple(shape) == tuple(sc.mask.shape) and np.allclose(affine, sc.t1w_affine, atol=1e-4):
         return sc.mask
     return np.ones(shape, dtype=bool)
-
-
-def _inside_target(appearance: Appearance, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """(I, J, K) bool: output voxels whose centre lies within one target voxel of the target's grid.
-
-    One voxel of margin: a thick slice's PSF (FWHM = its thickness) still weighs the tissue up to about one slice
-    beyond the outermost slice centre, so the data constrain the field there.
-    """
-    to_target = np.linalg.inv(appearance.target_vox2t1w) @ affine
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1).T
-    t = ijk @ to_target[:3, :3].T.astype(np.float32) + to_target[:3, 3].astype(np.float32)
-    inside = np.all((t >= -1.0) & (t <= np.asarray(appearance.target_shape, dtype=np.float32)), axis=1)
-    return inside.reshape(shape)
 
 
 def render(
@@ -65,7 +53,8 @@ def render(
     coeffs = appearance.coeffs.to(device)
     psf = psf_covariance(affine, fwhm_vox)
     if within_target and appearance.target_vox2t1w is not None:
-        sel = sel & _inside_target(appearance, affine, shape)
+        target = Grid(appearance.target_vox2t1w, appearance.target_shape)
+        sel = sel & Grid(affine, shape).covered_by(target)
     ijk = np.argwhere(sel)
     out = np.zeros((len(ijk), coeffs.shape[1]), dtype=np.float32)
     for start in range(0, len(ijk), chunk_voxels):

@@ -1,0 +1,127 @@
+"""Stage 2 on images: the one library entry point that the Nipype interface, the benchmark and the docs use.
+
+``harmonize(scaffold, target, target2t1w, reference, brain_mask)`` fits a target's appearance on the frozen scaffold
+through its own acquisition model (the target is never resampled), renders it on the reference (T1w) grid inside
+the brain mask and the target's field of view, and returns the image, the data-consistency residual on the
+target's grid and the diagnostics. Frames: ``target2t1w`` maps the target's world (mm RAS, its NIfTI affine) to the
+T1w world; the reference's affine maps its voxels to the T1w world.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, fit_appearance
+from atlasgs_bids.gaussians.render import render
+from atlasgs_bids.gaussians.scaffold import Scaffold
+from atlasgs_bids.imaging.acquisition import Acquisition
+from atlasgs_bids.imaging.grid import Grid
+from atlasgs_bids.imaging.nifti import on_grid_of
+
+
+@dataclass(frozen=True)
+class HarmonizeOptions:
+    """quality : stage-2 preset (:data:`atlasgs_bids.presets.QUALITIES`); ``appearance`` overrides it when given
+    device : torch device ("cpu" or "cuda", already resolved)
+    slice_thickness : the target's SliceThickness in mm (None: the slice spacing)
+    """
+
+    quality: str = "default"
+    device: str = "cpu"
+    slice_thickness: float | None = None
+    appearance: AppearanceOptions | None = None
+
+    def appearance_options(self) -> AppearanceOptions:
+        return self.appearance if self.appearance is not None else AppearanceOptions.preset(self.quality)
+
+
+@dataclass
+class Harmonized:
+    """image : the target on the reference grid (float32, the reference's header codes; 3D or 4D)
+    residual : measured minus the forward prediction, first volume, on the target's grid (0 outside the fit)
+    appearance : the fitted :class:`~atlasgs_bids.gaussians.appearance.Appearance`
+    diagnostics : JSON-ready figures (appearance diagnostics, acquisition, relative residual, timings)
+    """
+
+    image: nib.Nifti1Image
+    residual: nib.Nifti1Image
+    appearance: Appearance
+    diagnostics: dict = field(default_factory=dict)
+
+
+def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target2t1w: np.ndarray,
+              reference: nib.spatialimages.SpatialImage, brain_mask: np.ndarray,
+              options: HarmonizeOptions | None = None, *, acquisition: Acquisition | None = None) -> Harmonized:
+    """Stage 2 on one target, rendered on the reference grid.
+
+    Parameters
+    ----------
+    scaffold : stage-1 result on the reference's grid (T1w world mm RAS)
+    target : the target image (3D or 4D), its own grid and units
+    target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS (the inverse of the ITK transform that resamples
+        the target onto the T1w; :func:`atlasgs_bids.imaging.transforms.read_target2t1w`)
+    reference : the T1w: output grid and header
+    brain_mask : (I, J, K) bool on the reference grid; voxels outside it (or outside the target's field of view,
+        where no measurement constrains the field) are 0
+    options : :class:`HarmonizeOptions`
+    acquisition : the target's acquisition model, when known better than its header (the benchmark's simulated
+        slice profiles); by default built from the header and ``options.slice_thickness``
+    """
+    opts = options or HarmonizeOptions()
+    target2t1w = np.asarray(target2t1w, dtype=np.float64)
+    data = np.asarray(target.get_fdata(dtype=np.float32))
+    acq = acquisition or Acquisition.from_geometry(target.affine, data.shape[:3], slice_thickness=opts.slice_thickness)
+    appearance = fit_appearance(scaffold, data, acq, target2t1w, opts.appearance_options(), device=opts.device)
+    out_grid = Grid.of(reference)
+    mask = np.asarray(brain_mask, dtype=bool)
+    in_fov = mask & out_grid.covered_by(acq.grid.moved(target2t1w))
+    t0 = time.perf_counter()
+    out = render(appearance, out_grid.affine, out_grid.shape, device=opts.device, mask=mask)
+    render_s = time.perf_counter() - t0
+
+    diag = dict(appearance.diagnostics)
+    history = [float(v) for v in diag.pop("history", None) or []]
+    if history:
+        diag["final_relative_residual"] = history[-1]
+    diag["history"] = history
+    residual, rel = residual_map(appearance, data)
+    diag["relative_residual"] = rel
+    diag["brain_fraction_in_target_fov"] = float(in_fov.sum() / max(int(mask.sum()), 1))
+    zooms = acq.zooms
+    axis = int(acq.slice_axis)
+    diag["acquisition"] = {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
+                           "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
+                           "slice_thickness_source": "SliceThickness" if opts.slice_thickness is not None
+                           else "slice spacing (no SliceThickness in the sidecar)",
+                           "profile": acq.profile}
+    diag["render_seconds"] = render_s
+    res_img = nib.Nifti1Image(residual, target.affine)
+    res_img.header.set_xyzt_units("mm", "sec")
+    return Harmonized(image=on_grid_of(np.asarray(out, dtype=np.float32), reference), residual=res_img,
+                      appearance=appearance, diagnostics=diag)
+
+
+def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:
+    """The data-consistency residual of a stage-2 fit on the target's grid, from what the fit kept.
+
+    Parameters
+    ----------
+    appearance : fitted on ``data`` (its ``fitted_ijk`` and ``fitted_residual``: measured minus the forward
+        prediction ``A c``, target units)
+    data : (I, J, K) or (I, J, K, V) the target, its own grid and units
+
+    Returns
+    -------
+    residual : float32 (I, J, K), first volume, target units, 0 outside the fitted voxels
+    relative_residual : ``||y - A c||_2 / ||y||_2`` over every fitted voxel and volume (0 when y is all 0)
+    """
+    vol = np.asarray(data, dtype=np.float32).reshape(*np.shape(data)[:3], -1)
+    ijk, diff = appearance.fitted_ijk, appearance.fitted_residual
+    y = vol[tuple(ijk.T)]
+    out = np.zeros(vol.shape[:3], dtype=np.float32)
+    out[tuple(ijk.T)] = diff[:, 0]
+    norm = float(np.linalg.norm(y))
+    return out, (float(np.linalg.norm(diff)) / norm if norm > 0 else 0.0)
