@@ -404,7 +404,8 @@ def goal_table(rows: list[dict], *, margin_db: float = 2.0) -> list[str]:
     keys = [(f, d) for (f, d, m) in by if m == "atlasgs" and (f, d, "guided-filter") in by]
     if not keys:
         return []
-    keys.sort(key=lambda k: (k[0], _split_label(k[1])[0], -(_split_label(k[1])[1] or np.inf)))
+    profiles = list(dict.fromkeys(_split_label(d)[0] for _, d in keys))  # run order (noiseless first, then SNR down)
+    keys.sort(key=lambda k: (k[0], profiles.index(_split_label(k[1])[0]), -(_split_label(k[1])[1] or np.inf)))
     lines = ["", f"atlasgs minus guided-filter (fair, held-out tuned) per factor x profile x SNR; goal: PSNR >= "
                  f"guided filter + {margin_db:g} dB and SSIM above it. The oracle-tuned filter is shown apart.", "",
              "| factor | profile | SNR | atlasgs PSNR (SSIM) | GF fair PSNR (SSIM) | GF oracle PSNR (SSIM) | "
