@@ -196,15 +196,18 @@ def _toml_value(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- memory model
-#: Memory model of a participant run (CPU, stage 2 is the peak), fitted on two measured runs (peak RSS of the whole
-#: process tree, ``--quality fast --nprocs 1``, OMP_NUM_THREADS=1): the tiny sample (T1w 2.5 mm, 138,506 brain
-#: voxels) peaked at 1.71 GB, the demo sample (T1w 1.6 mm, 500,945 brain voxels) at 3.16 GB. GB = 1e9 bytes.
+#: Memory model of a participant run (CPU, stage 2 is the peak), refitted after the lattice evaluator and the
+#: two-level solve (ADR 0007) on two measurements: the demo (T1w 1.6 mm, 500,945 brain voxels, ``--quality fast
+#: --nprocs 1``, OMP_NUM_THREADS=1) peaked at 1.89 GB for the whole process tree (was 3.16 GB), and one x5 target on
+#: the 1 mm MNI152 brain (2.15 M Gaussians, default preset: tuning, fit, render) raised a process's RSS by 3.3 GB
+#: (``bench --speed``). GB = 1e9 bytes.
 MEM_BASE_GB = 1.2
 """Main process, forkserver and one worker with torch, nibabel and ANTs loaded."""
 MEM_WORKER_GB = 0.5
 """Each further worker process fitting a target in parallel (``--nprocs`` > 1)."""
-MEM_PER_BRAIN_VOXEL_B = 4.0e3
-"""Stage 2 (appearance fit + render) per brain voxel of the T1w grid: Gaussians, their neighbour lists, CG vectors."""
+MEM_PER_BRAIN_VOXEL_B = 1.6e3
+"""Stage 2 (appearance fit + render) per brain voxel of the T1w grid: Gaussians, their neighbour lists, the
+measurement operator (about 18 non-zeros per Gaussian, kept with its transpose), CG vectors."""
 MEM_PER_TARGET_VOXEL_B = 12.0
 """Per target voxel (all volumes of a 4D series): the data as float32 and two working copies."""
 BRAIN_VOLUME_ML = 2200.0
@@ -232,10 +235,10 @@ def estimate_peak_memory_gb(t1w_voxels: int, t1w_voxel_mm3: float, target_voxels
     nprocs : int
         ``--nprocs``.
 
-    >>> round(estimate_peak_memory_gb(64 * 78 * 68, 2.5 ** 3, (74 * 85 * 26,)), 2)  # tiny sample: measured 1.71
-    1.77
-    >>> round(estimate_peak_memory_gb(99 * 121 * 105, 1.6 ** 3, (115 * 132 * 30,)), 2)  # demo: measured 3.16
-    3.35
+    >>> round(estimate_peak_memory_gb(99 * 121 * 105, 1.6 ** 3, (115 * 132 * 30,)), 2)  # demo: measured 1.89
+    2.06
+    >>> round(estimate_peak_memory_gb(182 * 218 * 182, 1.0, (182 * 218 * 36,)), 2)  # 1 mm brain, x5: ~4.5 measured
+    4.74
     """
     brain = min(float(t1w_voxels), BRAIN_VOLUME_ML * 1000.0 / max(float(t1w_voxel_mm3), 1e-9))
     k = max(1, min(int(nprocs), len(target_voxels) or 1))

@@ -107,3 +107,20 @@ def test_a_moved_lattice_is_not_a_lattice(scaffold) -> None:
     moved = replace(scaffold, means=scaffold.means + torch.tensor([0.3, 0.0, 0.0]))
     assert lattice.as_lattice(moved) is None
     assert lattice.as_lattice(replace(scaffold, meta={**scaffold.meta, "geometry": "adaptive"})) is None
+
+
+def test_lattice_neighbours_are_the_nearest_like_a_kd_tree(scaffold) -> None:
+    from scipy.spatial import cKDTree
+
+    lat = lattice.as_lattice(scaffold)
+    dist, nbr = lattice.neighbours(lat, 6)
+    means = scaffold.means.numpy().astype(np.float64)
+    ref_d, ref_n = cKDTree(means).query(means, k=7)
+    # Same distances everywhere (the k nearest are unique up to ties); same neighbours wherever the 6th and 7th
+    # nearest are not tied.
+    np.testing.assert_allclose(np.sort(dist, 1), ref_d[:, 1:], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(means[nbr] - means[:, None, :], axis=-1), dist, atol=1e-5)
+    ref_d8, ref_n8 = cKDTree(means).query(means, k=8)
+    untied = ref_d8[:, 6] < ref_d8[:, 7] - 1e-6
+    assert untied.sum() > 0.5 * len(means)
+    np.testing.assert_array_equal(np.sort(nbr[untied], 1), np.sort(ref_n8[untied, 1:7], 1))

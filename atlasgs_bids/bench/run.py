@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--registration", action="store_true",
                         help="run the registration suite instead (known-truth moved targets; registration.json/.md)")
     parser.add_argument("--cases", type=int, default=20, help="number of registration cases (with --registration)")
+    parser.add_argument("--speed", action="store_true",
+                        help="measure instead what one target costs (the first --factors and --degradations) beside "
+                             "its voxel-basis twin, and a 4D series of --volumes volumes (speed.json/.md)")
+    parser.add_argument("--volumes", type=int, default=30, help="volumes of the 4D series (with --speed; 1: skip it)")
     parser.add_argument("--no-psnr", dest="psnr", action="store_false",
                         help="registration suite: skip the stage-2 PSNR of the marked cases")
     parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
@@ -451,6 +455,13 @@ def run(args: argparse.Namespace) -> int:
         report = run_suite(Path(args.data), out, n_cases=args.cases, seed=args.seed, psnr=args.psnr,
                            machine=machine_info(), command=getattr(args, "command_line", None) or _command_line())
         LOG.info("wrote %s: %s", out / "registration.md", report["summary"])
+        return 0
+    if getattr(args, "speed", False):
+        from atlasgs_bids.bench.speed import run_speed
+
+        report = run_speed(Path(args.data), out, factor=args.factors[0], degradation=args.degradations[0],
+                           quality=args.quality, device=device, volumes=args.volumes, crop=args.crop)
+        LOG.info("wrote %s: %s", out / "speed.md", [(r["method"], r["seconds"]) for r in report["rows"]])
         return 0
     subject = cases.load_subject(args.data, crop=args.crop)
     methods = list(dict.fromkeys(args.methods))

@@ -5,10 +5,10 @@ With the geometry frozen, a target voxel's measurement is linear in the per-Gaus
 ``c = s * v`` where ``s_i = 1 / (sum_j phi_j(mu_i))`` normalises each Gaussian by its neighbours' overlap, so that
 ``v_i`` is the target's intensity near Gaussian i, and solve
 
-    min_v ||W (y - A diag(s) v)||^2 + lambda v^T L v    subject to  0 <= c_i <= U s_i
+    min_v ||y - A diag(s) v||^2 + lambda v^T L v    subject to  0 <= c_i <= U s_i
 
-by Jacobi-preconditioned conjugate gradients on the normal equations, then a projected-gradient refinement that
-enforces the bounds (ADR 0005). L is the graph Laplacian of the Gaussians' k-nearest-neighbour graph with weights
+by preconditioned conjugate gradients on the normal equations (block Jacobi + a coarse-grid correction, ADR 0007),
+then a projected-gradient refinement that enforces the bounds (ADR 0005). L is the graph Laplacian of the Gaussians' k-nearest-neighbour graph with weights
 ``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * (d0 / d_ij)^2``: smooth inside a tissue, nearly free
 across T1w edges (t1 normalised to its 99th percentile in the mask; d0 the median neighbour distance); the floor
 keeps a Gaussian that differs from all its neighbours (a vessel, a sulcus, T1w noise) coupled to them, so the solve
@@ -24,10 +24,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+from nibabel.affines import apply_affine
 import torch
 
-from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_measure, scaffold_operator, target_vox2t1w,
-                                            voxel_centres)
+from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_lattice, scaffold_measure, scaffold_operator,
+                                            target_vox2t1w)
+from atlasgs_bids.gaussians.lattice import neighbours as lattice_neighbours
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
@@ -59,6 +61,8 @@ class AppearanceOptions:
     bound_iter : projected-gradient iterations after CG that enforce the bounds
     tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
         (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
+    coarse_block : side (T1w voxels) of the aggregates of CG's two-level preconditioner
+        (:mod:`atlasgs_bids.gaussians.precondition`); 0: Jacobi only
     noise_lam : raise ``lam`` to :func:`noise_set_lambda` of the target's own noise estimate (no extra fit; the
         presets set it; ignored when ``tune`` chose lambda)
     """
@@ -78,6 +82,7 @@ class AppearanceOptions:
     bound_iter: int = 100
     tune: bool = False
     noise_lam: bool = False
+    coarse_block: int = 8
 
     def __post_init__(self) -> None:
         if self.basis not in ("affine", "intensity"):
@@ -156,7 +161,7 @@ def _mask_fraction(scaffold: Scaffold, vox2t1w: np.ndarray, ijk: np.ndarray, acq
     t1_inv = np.linalg.inv(scaffold.t1w_affine)
     axis_dir = vox2t1w[:3, acquisition.slice_axis]
     half = 0.5 * acquisition.fwhm_vox[acquisition.slice_axis]
-    base = voxel_centres(vox2t1w, ijk)
+    base = apply_affine(vox2t1w, ijk)
     frac = np.zeros(len(ijk))
     mask = scaffold.mask.astype(np.float32)
     for off in np.linspace(-half, half, 5):
@@ -197,11 +202,17 @@ def overlap_normaliser(scaffold: Scaffold, device: str | torch.device = "cpu") -
 def scaffold_neighbours(scaffold: Scaffold, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each Gaussian's ``k`` nearest other Gaussians: distances [N, k] (mm) and indices [N, k] (int).
 
-    Computed once per scaffold object and ``k``.
+    Computed once per scaffold object and ``k``; on a lattice from the node index
+    (:func:`~atlasgs_bids.gaussians.lattice.neighbours`), else by a k-d tree. The two differ only in how they break
+    ties between equally distant neighbours.
     """
     def compute() -> tuple[np.ndarray, np.ndarray]:
         from scipy.spatial import cKDTree
 
+        lat = scaffold_lattice(scaffold)
+        found = None if lat is None else lattice_neighbours(lat, min(k, scaffold.n_gaussians - 1))
+        if found is not None:  # the node index answers directly; ties at equal distance in offset order
+            return found
         means = scaffold.means.detach().cpu().numpy().astype(np.float64)
         kk = min(k, len(means) - 1)
         dist, nbr = cKDTree(means).query(means, k=kk + 1)
@@ -236,7 +247,8 @@ def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device, 
     rows = np.concatenate([i, diag_idx])
     cols = np.concatenate([j, diag_idx])
     vals = np.concatenate([-ww, deg])
-    return SparseMatrix(torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(vals, dtype=torch.float32), (n, n), device)
+    return SparseMatrix(torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(vals, dtype=torch.float32), (n, n), device,
+                        symmetric=True)
 
 
 def fit_appearance(
@@ -323,6 +335,7 @@ def fit_appearance(
     coeffs, info = fit_coefficients(
         a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0,
         bounds=(lower, upper), bound_iter=opts.bound_iter,
+        coarse=(scaffold.t1w_grid.to_voxels(scaffold.means.numpy()), opts.coarse_block) if opts.coarse_block else None,
     )
     pred = a_mat.matmul(coeffs)
     resid = y - pred
@@ -332,6 +345,7 @@ def fit_appearance(
         "seconds": seconds,
         "seconds_build": t_build,
         "iterations": info["iterations"],
+        "coarse": info.get("coarse"),  # the two-level preconditioner (block, coarse unknowns, seconds) or None
         "history": info["relative_residual"],
         "residual_rms": float(resid.pow(2).mean().sqrt()),
         "n_measurements": int(len(ijk)),

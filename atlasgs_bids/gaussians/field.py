@@ -111,8 +111,8 @@ def blur(covs: torch.Tensor, psf_cov: torch.Tensor | None = None, cutoff: float 
 
 def _pair_values(
     points: torch.Tensor, means: torch.Tensor, blurred: Blurred, pt: torch.Tensor, g: torch.Tensor
-) -> torch.Tensor:
-    """exp(-1/2 Mahalanobis^2) for the pairs (pt, g), [P]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(-1/2 Mahalanobis^2) and the squared Mahalanobis distance for the pairs (pt, g), each [P]."""
     # index_select, not x[idx]: its backward accumulates deterministically on multi-threaded CPUs.
     d = torch.index_select(points, 0, pt) - torch.index_select(means, 0, g)
     p = torch.index_select(blurred.precision6, 0, g)

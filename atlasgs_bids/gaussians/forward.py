@@ -8,6 +8,7 @@ Because the PSF is the same for every voxel of an affine image, one blurred copy
 from __future__ import annotations
 
 import numpy as np
+from nibabel.affines import apply_affine
 import torch
 
 from atlasgs_bids.gaussians import lattice as lattice_mod
@@ -22,12 +23,6 @@ def psf_covariance(vox2world: np.ndarray, fwhm_vox) -> np.ndarray:
     a = np.asarray(vox2world, dtype=np.float64)[:3, :3]
     sig = np.asarray(fwhm_vox, dtype=np.float64) * FWHM_TO_SIGMA
     return (a * sig**2) @ a.T
-
-
-def voxel_centres(vox2world: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    """World coordinates [M, 3] of voxel indices ``ijk`` [M, 3] under a (4, 4) voxel-to-world affine."""
-    aff = np.asarray(vox2world, dtype=np.float64)
-    return np.asarray(ijk, dtype=np.float64) @ aff[:3, :3].T + aff[:3, 3]
 
 
 def target_vox2t1w(acquisition: Acquisition, target2t1w: np.ndarray) -> np.ndarray:
@@ -61,7 +56,7 @@ def measurement_matrix(
     device = means.device
     offsets, weights, fwhm = acquisition.sub_slices()
     axis_dir = np.asarray(vox2world, dtype=np.float64)[:3, acquisition.slice_axis]
-    base = voxel_centres(vox2world, ijk)
+    base = apply_affine(vox2world, ijk)
     psf = torch.as_tensor(psf_covariance(vox2world, fwhm), dtype=covs.dtype, device=device)
     with torch.no_grad():
         blurred = blur(covs, psf, cutoff)
@@ -110,7 +105,7 @@ def scaffold_operator(scaffold, vox2t1w: np.ndarray, ijk: np.ndarray, acquisitio
     if lat is None:
         sc = scaffold.to(device)
         return measurement_matrix(sc.means, sc.covs(), vox2t1w, ijk, acquisition)
-    pts = lat.grid.to_voxels(voxel_centres(vox2t1w, ijk))
+    pts = lat.grid.to_voxels(apply_affine(vox2t1w, ijk))
     return lattice_mod.operator(lat, pts, _acquisition_kernels(lat, vox2t1w, acquisition))
 
 

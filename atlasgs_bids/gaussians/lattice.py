@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from atlasgs_bids.gaussians.field import CUTOFF
+from atlasgs_bids.gaussians.field import CUTOFF, quat_scale_to_covar
 from atlasgs_bids.imaging.grid import Grid
 
 #: [points x offsets] evaluated at once; bounds one chunk's memory (~40 bytes a pair).
@@ -82,7 +82,7 @@ def as_lattice(scaffold, *, tol: float = 1e-3, device: str | torch.device = "cpu
     index[tuple(nodes.T)] = np.arange(len(nodes))
     if int((index >= 0).sum()) != len(nodes):  # two Gaussians on one node: not a lattice
         return None
-    cov = scaffold.covs()[:1].detach().cpu().double().numpy()[0]
+    cov = quat_scale_to_covar(q[:1].double(), s[:1].double()).detach().cpu().numpy()[0]
     return Lattice(grid=grid, index=torch.as_tensor(index, device=torch.device(device)), cov=cov)
 
 
@@ -221,3 +221,50 @@ def operator(lattice: Lattice, points_vox: np.ndarray, kerns: list[Kernel], *, c
     return SparseMatrix.from_csr(indptr, torch.cat(cols) if cols else empty,
                                  torch.cat(vals) if vals else torch.zeros(0, device=counts.device),
                                  (m, lattice.n_gaussians), lattice.index.device)
+
+
+def neighbours(lattice: Lattice, k: int, *, reach: int = 2,
+               chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each Gaussian's ``k`` nearest other Gaussians from the node index: distances [N, k] (world mm) and indices.
+
+    Candidates are the nodes within ``reach`` voxels, in order of world distance (ties in C order of the offset);
+    returns None when some Gaussian has fewer than ``k`` within reach (an isolated one: the caller's k-d tree then
+    searches farther).
+    """
+    a = lattice.grid.affine[:3, :3]
+    r = np.arange(-reach, reach + 1)
+    offs = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    offs = offs[np.any(offs != 0, axis=1)]
+    dist = np.linalg.norm(offs @ a.T, axis=1)
+    order = np.argsort(dist, kind="stable")
+    offs, dist = offs[order], dist[order]
+    index = lattice.index.cpu().numpy()
+    shape = np.asarray(index.shape)
+    padded = np.full(tuple(shape + 2 * reach), -1, dtype=np.int64)
+    padded[reach:reach + shape[0], reach:reach + shape[1], reach:reach + shape[2]] = index
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1])
+    flat = padded.reshape(-1)
+    nodes = np.argwhere(index >= 0)
+    ids = index[tuple(nodes.T)]
+    off_lin = offs @ strides
+    out_nbr = np.empty((len(ids), k), dtype=np.int64)
+    out_dist = np.empty((len(ids), k), dtype=np.float64)
+    lin = (nodes + reach) @ strides
+    # Most nodes have their k nearest offsets all present (the face neighbours inside the brain): take them as they
+    # are when the k-th offset is strictly nearer than the next; search the full neighbourhood for the others.
+    first = flat[lin[:, None] + off_lin[None, :k]]
+    full = np.all(first >= 0, axis=1) & (dist[k - 1] < dist[k] if k < len(dist) else True)
+    out_nbr[ids[full]] = first[full]
+    out_dist[ids[full]] = dist[:k]
+    rest = np.flatnonzero(~full)
+    for start in range(0, len(rest), chunk):
+        sel = rest[start:start + chunk]
+        cand = flat[lin[sel][:, None] + off_lin[None, :]]  # [n, B], nearest first
+        valid = cand >= 0
+        take = valid & (np.cumsum(valid, axis=1) <= k)
+        if np.any(take.sum(1) < k):
+            return None
+        cols = np.nonzero(take)[1].reshape(-1, k)
+        out_nbr[ids[sel]] = np.take_along_axis(cand, cols, axis=1)
+        out_dist[ids[sel]] = dist[cols]
+    return out_dist, out_nbr

@@ -4,7 +4,8 @@ Solves, for every column (volume) of ``y``,
 
     min_v ||y - A (sum_k basis_k * v_k)||^2 + sum_k lam_k v_k^T L v_k + ridge ||v||^2
 
-by Jacobi-preconditioned conjugate gradients on the normal equations. ``A`` [M, N] is a sparse measurement
+by preconditioned conjugate gradients on the normal equations: block Jacobi over each Gaussian's channels, plus a
+coarse-grid correction when ``coarse`` is given (:mod:`atlasgs_bids.gaussians.precondition`). ``A`` [M, N] is a sparse measurement
 operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels, ``L`` [N, N] a graph
 Laplacian (or none).
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
+from atlasgs_bids.gaussians.precondition import BlockJacobi, two_level
 from atlasgs_bids.gaussians.solve import conjugate_gradient, projected_gradient
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 
@@ -38,12 +41,15 @@ def fit_coefficients(
     bounds: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     bound_iter: int = 100,
     bound_tol: float = 1e-4,
+    coarse: tuple[np.ndarray, int] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` ([M, N]).
 
     ``v0`` [N, nb, V] is an optional starting point (the minimiser does not depend on it, the iteration count does).
     ``bounds`` = (lower or None, upper or None), each [N] (every volume) or [N, V]: box on each amplitude ``c_i``
     (same units as ``c``); refined by at most ``bound_iter`` projected-gradient iterations (stop at ``bound_tol``).
+    ``coarse`` = (means [N, 3] in T1w voxel coordinates, block side in voxels): add the two-level coarse-grid
+    correction (:func:`~atlasgs_bids.gaussians.precondition.two_level`) to the Jacobi preconditioner of CG.
     Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history; with
     bounds also ``bound_iterations``, ``bound_step`` history, and ``n_at_bound_cg`` the amplitudes outside the box
     after CG, worst volume).
@@ -78,13 +84,22 @@ def fit_coefficients(
         return out
 
     col_sq = a_mat.column_sq_sums().to(device)
-    diag = basis_t**2 * col_sq[None, :] + ridge
+    reg_diag = torch.full((nb, n), float(ridge), device=device, dtype=y.dtype)
     if laplacian is not None:
-        diag = diag + torch.tensor(lams, device=device, dtype=y.dtype)[:, None] * laplacian.diagonal().to(device)[None, :]
-    precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)
+        reg_diag = reg_diag + torch.tensor(lams, device=device, dtype=y.dtype)[:, None] * laplacian.diagonal().to(device)[None, :]
+    diag = basis_t**2 * col_sq[None, :] + reg_diag
+    precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)  # Jacobi: the scaling of the bounded refinement
     rhs = adjoint(y)
     x0 = None if v0 is None else v0.permute(1, 0, 2).reshape(-1, n_vol).contiguous()
-    v, info = conjugate_gradient(normal, rhs, precond, x0=x0, max_iter=max_iter, tol=tol)
+    m_inv = precond if nb == 1 else BlockJacobi.build(basis, col_sq, reg_diag)
+    coarse_info = None
+    if coarse is not None:
+        smoother = m_inv if nb > 1 else BlockJacobi.build(basis, col_sq, reg_diag)
+        two = two_level(a_mat, basis, laplacian, lams, smoother, coarse[0], block=int(coarse[1]), ridge=ridge)
+        m_inv, coarse_info = two, {"block": int(coarse[1]), "n_coarse": two.n_coarse * nb, "seconds": two.seconds,
+                                  "factor_nnz": int(two.lu.L.nnz + two.lu.U.nnz)}
+    v, info = conjugate_gradient(normal, rhs, m_inv, x0=x0, max_iter=max_iter, tol=tol)
+    info["coarse"] = coarse_info
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
         c = expand(v)
         lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+from nibabel.affines import apply_affine
 import torch
 
 from atlasgs_bids.gaussians.appearance import Appearance
-from atlasgs_bids.gaussians.forward import psf_covariance, scaffold_measure, voxel_centres
+from atlasgs_bids.gaussians.forward import psf_covariance, scaffold_measure
 from atlasgs_bids.imaging.grid import Grid
 
 
@@ -58,7 +59,7 @@ def render(
     ijk = np.argwhere(sel)
     out = np.zeros((len(ijk), coeffs.shape[1]), dtype=np.float32)
     for start in range(0, len(ijk), chunk_voxels):
-        pts = voxel_centres(affine, ijk[start : start + chunk_voxels])
+        pts = apply_affine(affine, ijk[start : start + chunk_voxels])
         out[start : start + len(pts)] = scaffold_measure(appearance.scaffold, pts, psf, coeffs).cpu().numpy()
     vol = np.zeros(shape + (coeffs.shape[1],), dtype=np.float32)
     vol[tuple(ijk.T)] = appearance.intensity.invert(out)

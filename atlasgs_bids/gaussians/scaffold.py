@@ -13,10 +13,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from nibabel.affines import voxel_sizes
+from nibabel.affines import apply_affine, voxel_sizes
 
 from atlasgs_bids.gaussians.field import quat_scale_to_covar
-from atlasgs_bids.gaussians.forward import voxel_centres
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA
 from atlasgs_bids.imaging.grid import Grid
 from atlasgs_bids.imaging.intensity import fit_intensity_scale
@@ -182,7 +181,7 @@ def lattice_scaffold(t1w: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, d
         "seconds": time.perf_counter() - t0,
     }
     return Scaffold(
-        means=torch.as_tensor(voxel_centres(affine, ijk), dtype=torch.float32),
+        means=torch.as_tensor(apply_affine(affine, ijk), dtype=torch.float32),
         quats=torch.as_tensor(np.tile(quat, (n, 1)), dtype=torch.float32),
         log_scales=torch.as_tensor(np.tile(np.log(zooms * FWHM_TO_SIGMA), (n, 1)), dtype=torch.float32),
         amplitudes=torch.as_tensor(values[:, None], dtype=torch.float32),

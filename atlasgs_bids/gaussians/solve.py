@@ -9,7 +9,7 @@ import torch
 def conjugate_gradient(
     apply: Callable[[torch.Tensor], torch.Tensor],
     rhs: torch.Tensor,
-    precond: torch.Tensor,
+    precond: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     *,
     x0: torch.Tensor | None = None,
     max_iter: int = 300,
@@ -21,7 +21,8 @@ def conjugate_gradient(
     ----------
     apply : maps [N, C] -> [N, C], symmetric positive definite
     rhs : [N, C]
-    precond : [N] diagonal (Jacobi) preconditioner, i.e. the inverse of the operator's diagonal
+    precond : [N] diagonal (Jacobi) preconditioner, i.e. the inverse of the operator's diagonal, or a callable
+        applying a symmetric positive definite ``M^-1`` to [N, C] (e.g. :mod:`atlasgs_bids.gaussians.precondition`)
     tol : stop when every column's relative residual ``|r| / |rhs|`` is below this
 
     Returns
@@ -31,7 +32,12 @@ def conjugate_gradient(
     # In place where possible: on the CPU the [N, C] temporaries, not the products, dominated an iteration.
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - apply(x) if x0 is not None else rhs.clone()
-    z = precond[:, None] * r
+    if callable(precond):
+        apply_m = precond
+    else:
+        def apply_m(res: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.mul(res, precond[:, None], out=out)
+    z = apply_m(r)
     p = z.clone()
     rz = torch.linalg.vecdot(r, z, dim=0)
     bnorm = rhs.norm(dim=0).clamp_min(1e-30)
@@ -46,7 +52,7 @@ def conjugate_gradient(
         history.append(rel)
         if rel < tol:
             break
-        torch.mul(r, precond[:, None], out=z)
+        z = apply_m(r)
         rz_new = torch.linalg.vecdot(r, z, dim=0)
         p.mul_((rz_new / rz.clamp_min(1e-30))[None, :]).add_(z)
         rz = rz_new

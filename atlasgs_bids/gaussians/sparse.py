@@ -17,7 +17,9 @@ class SparseMatrix:
     Products take and return torch tensors on ``device``; the transpose is kept explicitly (CSR both ways).
     """
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int], device: torch.device):
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
+                 device: torch.device, *, symmetric: bool = False):
+        """``symmetric``: the triplets describe a symmetric matrix, so the transpose is the matrix itself (kept once)."""
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -26,12 +28,12 @@ class SparseMatrix:
                 shape=self.shape,
             )
             mat.sum_duplicates()
-            self._fwd, self._adj = mat, mat.T.tocsr()
+            self._fwd, self._adj = mat, (mat if symmetric else mat.T.tocsr())
             self.nnz = int(mat.nnz)
         else:
             coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), self.shape).coalesce()
             self._fwd = coo.to_sparse_csr()
-            self._adj = coo.t().coalesce().to_sparse_csr()
+            self._adj = self._fwd if symmetric else coo.t().coalesce().to_sparse_csr()
             self.nnz = int(coo.values().numel())
 
     @classmethod
@@ -65,6 +67,13 @@ class SparseMatrix:
     def rmatmul(self, y: torch.Tensor) -> torch.Tensor:
         """``A^T y`` for y [rows, V] -> [cols, V]."""
         return self._mul(self._adj, y)
+
+    def to_scipy(self) -> sp.csr_matrix:
+        """The matrix as a scipy CSR matrix (a view on the CPU; copied from the GPU)."""
+        if self.device.type == "cpu":
+            return self._fwd
+        return sp.csr_matrix((self._fwd.values().cpu().numpy(), self._fwd.col_indices().cpu().numpy(),
+                              self._fwd.crow_indices().cpu().numpy()), shape=self.shape)
 
     def column_sq_sums(self) -> torch.Tensor:
         """[cols] sum over rows of A^2 (the diagonal of A^T A)."""

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.affines import voxel_sizes
+from nibabel.affines import apply_affine, voxel_sizes
 
 from atlasgs_bids.gaussians.field import CUTOFF, blur, measure, quat_scale_to_covar
-from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance, voxel_centres
+from atlasgs_bids.gaussians.forward import measurement_matrix, psf_covariance
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.scaffold import ProgressFn, Scaffold, check_t1w_inputs
 from atlasgs_bids.gaussians.spatial_hash import build_hash
@@ -118,7 +118,7 @@ def _initial_geometry(
     ijk = np.concatenate([lat, edge])
     sigma = np.concatenate([np.full(len(lat), opts.init_scale * spacing), np.full(n_edge, 0.5 * opts.init_scale * spacing)])
     sigma = np.clip(sigma, opts.min_scale_mm, opts.max_scale_mm)
-    return voxel_centres(affine, ijk), sigma
+    return apply_affine(affine, ijk), sigma
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
