@@ -147,3 +147,20 @@ def test_rician_noise_has_the_requested_snr_on_white_matter(snr) -> None:
     assert abs(measured / snr - 1.0) < 0.10, measured
     assert np.array_equal(noisy.thick, cases.add_rician_noise(case, snr, seed=7).thick)
     assert noisy.label == f"gaussian+snr{snr:g}"
+
+
+def test_goal_table_marks_each_row_against_the_fair_guided_filter():
+    def row(d, m, psnr, ssim):
+        return {"factor": 5, "degradation": d, "method": m, "psnr": psnr, "ssim": ssim}
+
+    rows = [row("gaussian", "guided-filter", 30.0, 0.90), row("gaussian", "guided-filter-oracle", 30.5, 0.91),
+            row("gaussian", "atlasgs", 32.0, 0.92),  # +2.00 dB, SSIM above: met (vs oracle: +1.5, not met)
+            row("gaussian+snr15", "guided-filter", 28.0, 0.85), row("gaussian+snr15", "atlasgs", 31.0, 0.84),
+            row("gaussian+snr30", "guided-filter", 29.0, 0.88), row("gaussian+snr30", "atlasgs", 30.0, 0.90)]
+    lines = run.goal_table(rows)
+    body = [ln for ln in lines if ln.startswith("| 5 |")]
+    assert [ln.split(" | ")[2] for ln in body] == ["none", "30", "15"]  # noiseless first, then more noise
+    assert "| +2.00 | +0.0200 | yes | +1.50 | +0.0100 | **no** |" in body[0]
+    assert "| **no** | - | - | - |" in body[1] and "| **no** |" in body[2]  # +1 dB; SSIM below
+    assert lines[-1] == "Goal vs the fair guided filter met in 1 of 3 rows."
+    assert run.goal_table([row("gaussian", "cubic", 20.0, 0.8)]) == []
