@@ -160,7 +160,7 @@ def test_goal_table_marks_each_row_against_the_fair_guided_filter():
     lines = run.goal_table(rows)
     body = [ln for ln in lines if ln.startswith("| 5 |")]
     assert [ln.split(" | ")[2] for ln in body] == ["none", "30", "15"]  # noiseless first, then more noise
-    assert "| +2.00 | +0.0200 | yes | +1.50 | +0.0100 | **no** |" in body[0]
+    assert "| +2.000 | +0.0200 | yes | +1.500 | +0.0100 | **no** |" in body[0]
     assert "| **no** | - | - | - |" in body[1] and "| **no** |" in body[2]  # +1 dB; SSIM below
     assert lines[-1] == "Goal vs the fair guided filter met in 1 of 3 rows."
     assert run.goal_table([row("gaussian", "cubic", 20.0, 0.8)]) == []

@@ -425,11 +425,11 @@ def goal_table(rows: list[dict], *, margin_db: float = 2.0) -> list[str]:
         cells = [str(f), profile, "none" if snr is None else f"{snr:g}", f"{a['psnr']:.2f} ({a['ssim']:.4f})",
                  f"{g['psnr']:.2f} ({g['ssim']:.4f})"]
         if o is None:
-            cells += ["-", f"{dp:+.2f}", f"{ds:+.4f}", "yes" if ok else "**no**", "-", "-", "-"]
+            cells += ["-", f"{dp:+.3f}", f"{ds:+.4f}", "yes" if ok else "**no**", "-", "-", "-"]
         else:
             dpo, dso = a["psnr"] - o["psnr"], a["ssim"] - o["ssim"]
-            cells += [f"{o['psnr']:.2f} ({o['ssim']:.4f})", f"{dp:+.2f}", f"{ds:+.4f}", "yes" if ok else "**no**",
-                      f"{dpo:+.2f}", f"{dso:+.4f}", "yes" if dpo >= margin_db and dso > 0 else "**no**"]
+            cells += [f"{o['psnr']:.2f} ({o['ssim']:.4f})", f"{dp:+.3f}", f"{ds:+.4f}", "yes" if ok else "**no**",
+                      f"{dpo:+.3f}", f"{dso:+.4f}", "yes" if dpo >= margin_db and dso > 0 else "**no**"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Goal vs the fair guided filter met in {n_met} of {len(keys)} rows."]
     return lines
