@@ -3,7 +3,8 @@ carries the T1w's qform/sform codes and mm units; the harmonised target's sideca
 or grid geometry; the pybids index is reused through ``--bids-database-dir``; the group level runs from the
 derivatives alone; with -v the stage-2 iterations are logged and a heartbeat names what is still running.
 
-One run (``sub-01`` of a two-subject copy, so that ``sub-02`` is expected but missing) serves the module.
+One run serves the module: the session's reference run (conftest ``tiny_run``: ``sub-01`` of a two-subject copy, so
+that ``sub-02`` is expected but missing).
 """
 from __future__ import annotations
 
@@ -15,22 +16,18 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from conftest import copy_bids
-from test_bad_inputs import BASE_FLAGS, assert_short_message, run_cli
+from conftest import BASE_FLAGS, copy_bids, run_cli
+from test_bad_inputs import assert_short_message
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tiny_sample, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("outputs")
-    bids = copy_bids(tiny_sample.bids_dir, root / "bids", participants=("01", "02"))
-    out, db = root / "out", root / "pybids-db"
-    proc = run_cli(bids, out, "participant", "--participant-label", "01", "--skip-bids-validation", *BASE_FLAGS,
-                   "--bids-database-dir", db, "-w", root / "work", "-v", env={"ATLASGS_HEARTBEAT_SECONDS": "3"})
-    assert proc.returncode == 0, proc.stderr
-    assert f"pybids index of {bids} saved in {db}" in proc.stderr
-    return {"root": root, "bids": bids, "out": out, "db": db, "stderr": proc.stderr}
+def run(tiny_run) -> dict[str, Path]:
+    """The session's reference run (conftest ``tiny_run``: sub-01 of a two-subject copy, ``-v``, heartbeat every 3 s,
+    ``--bids-database-dir``)."""
+    assert f"pybids index of {tiny_run.bids} saved in {tiny_run.db}" in tiny_run.stderr
+    return {"bids": tiny_run.bids, "out": tiny_run.out, "db": tiny_run.db, "stderr": tiny_run.stderr}
 
 
 def test_no_silent_step_and_solver_iterations_at_verbose(run):

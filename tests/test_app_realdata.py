@@ -1,7 +1,8 @@
 """The real CLI end to end on bids-chris (real T1w + sparse-slice PDw, ~9 degrees / 11 mm off in the header).
 
 One module-scoped participant run (``--quality fast``, CPU) is shared by every test here; the rerun test reuses its
-``--work-dir``. The demo (``atlasgs-bids demo``) is a second, smaller end-to-end run on the sample dataset.
+``--work-dir``. The demo (``atlasgs-bids demo``) is a second, smaller end-to-end run on the sample dataset (built at
+the tiny sample's size).
 """
 from __future__ import annotations
 
@@ -191,8 +192,18 @@ def test_work_dir_reuse_skips_fitting(chris, tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    """``atlasgs-bids demo OUT``: sample dataset, participant + group level, scores against the ground truth."""
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    """``atlasgs-bids demo OUT``: sample dataset, participant + group level, scores against the ground truth.
+
+    The demo builds its sample at the tiny sample's size here (2.5 mm T1w, 7.5 mm slices: conftest ``tiny_sample``),
+    so the whole demo runs in a fraction of the time; the sample at the demo's own size is checked by
+    ``test_sample_dataset.py``."""
+    from atlasgs_bids.data import sample
+    from conftest import TINY_T1W_MM
+
+    build = sample.build_sample_dataset
+    monkeypatch.setattr(sample, "build_sample_dataset",
+                        lambda out_dir, **kw: build(out_dir, **{"factor": 3, "downsample_mm": TINY_T1W_MM, **kw}))
     t0 = time.perf_counter()
     rc = cli.main(["demo", str(tmp_path / "demo"), "--device", "cpu"])
     seconds = time.perf_counter() - t0

@@ -4,17 +4,16 @@ work), a short message on stderr naming the file and the problem without a Pytho
 participant left under output_dir (no ``sub-01``, no staging folder, no temp file) and the input dataset
 byte-identical afterwards.
 
-The helpers (:func:`run_cli`, :func:`tree_digest`, :func:`assert_nothing_partial`) are shared with the other
-reliability tests (interrupted, concurrent, determinism).
+The helpers (:func:`tree_digest`, :func:`assert_nothing_partial`; ``run_cli`` and ``BASE_FLAGS`` from conftest) are
+shared with the other reliability tests (interrupted, concurrent, determinism).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -22,17 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import copy_bids
-
-#: Flags of every run: the tiny sample's T1w is the skull-stripped template (no deepbet), CPU, fast preset.
-BASE_FLAGS = ("--skull-stripped", "--quality", "fast", "--device", "cpu")
-
-
-def run_cli(*args: str | os.PathLike, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m atlasgs_bids.cli ARGS`` (the console script's code path) with one OpenMP thread."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "atlasgs_bids.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, check=False)
+from conftest import BASE_FLAGS, PARALLEL_RUNS, copy_bids, run_cli
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -428,13 +417,31 @@ WORKING: list[tuple[str, Mutation, tuple[str, ...]]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+def working_runs(request, pristine, tmp_path_factory) -> dict[str, tuple]:
+    """The runs of the :data:`WORKING` cases this session selected, ``PARALLEL_RUNS`` at a time (each run is one
+    process with one thread): case -> (dataset, its digest before the run, output_dir, finished process)."""
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_unusual_but_valid_input_works"}
+    root = tmp_path_factory.mktemp("working")
+
+    def run(i: int, mutate: Mutation) -> tuple[Path, dict, Path, subprocess.CompletedProcess]:
+        bids = _broken(pristine, root / str(i), mutate)
+        before = tree_digest(bids)
+        out = root / str(i) / "out"
+        proc = run_cli(bids, out, "participant", "--skip-bids-validation", *BASE_FLAGS, "-w", root / str(i) / "work")
+        return bids, before, out, proc
+
+    with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+        futures = {case: pool.submit(run, i, mutate) for i, (case, mutate, _) in enumerate(WORKING)
+                   if case in selected}
+        return {case: f.result() for case, f in futures.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, mutate, needles", WORKING, ids=[c[0] for c in WORKING])
-def test_unusual_but_valid_input_works(tiny_sample, pristine, tmp_path, case, mutate, needles):
-    bids = _broken(pristine, tmp_path, mutate)
-    before = tree_digest(bids)
-    out = tmp_path / "out"
-    proc = run_cli(bids, out, "participant", "--skip-bids-validation", *BASE_FLAGS, "-w", tmp_path / "work")
+def test_unusual_but_valid_input_works(tiny_sample, working_runs, case, mutate, needles):
+    bids, before, out, proc = working_runs[case]
     assert proc.returncode == 0, proc.stderr
     for needle in needles:
         assert needle in proc.stderr

@@ -2,6 +2,9 @@
 and equals an uninterrupted run; while any run goes, a poller checks that nothing partial is ever visible under
 output_dir (only complete files under final names, the participant's folder appears whole). SIGTERM and SIGINT stop
 a run cleanly: a one-line message, exit 143 / 130, nothing partial, no worker process left.
+
+The uninterrupted run is the session's reference run (conftest ``tiny_run``); the kill-and-rerun sequences are
+independent of each other and run ``PARALLEL_RUNS`` at a time.
 """
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -21,14 +24,14 @@ import numpy as np
 import pytest
 
 from atlasgs_bids.processes import alive, descendants
-from conftest import copy_bids
-from test_bad_inputs import BASE_FLAGS, hidden_or_temp, run_cli, tree_digest
+from conftest import BASE_FLAGS, PARALLEL_RUNS, cli_argv, cli_env, copy_bids, outputs_differ
+from test_bad_inputs import hidden_or_temp, tree_digest
 
 pytestmark = pytest.mark.slow
 
-#: Seed of the kill times; 4 points, one in each quarter of a ~20 s run.
+#: Seed of the kill times; 4 points, one in each quarter of the reference run's wall time (the first from 1 s on).
 KILL_SEED = 6
-KILL_WINDOWS = ((1.0, 5.0), (5.0, 10.0), (10.0, 15.0), (15.0, 20.0))
+KILL_WINDOWS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -90,49 +93,7 @@ class Poller(threading.Thread):
 
 
 def _cmd(bids: Path, out: Path, work: Path) -> list[str]:
-    return [sys.executable, "-m", "atlasgs_bids.cli", str(bids), str(out), "participant", "--skip-bids-validation",
-            *BASE_FLAGS, "-w", str(work)]
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def _strip_runtime(obj):
-    """JSON without run-time fields (keys with 'seconds', 'Runtime')."""
-    if isinstance(obj, dict):
-        return {k: _strip_runtime(v) for k, v in obj.items() if "seconds" not in k.lower() and k != "Runtime"}
-    if isinstance(obj, list):
-        return [_strip_runtime(v) for v in obj]
-    return obj
-
-
-#: Report figures: compared by name only (matplotlib writes dates and random ids into SVG; they are not data).
-FIGURES = (".svg", ".png", ".html")
-
-
-def outputs_differ(a: Path, b: Path) -> list[str]:
-    """Differences between two participant trees: the same file names; NIfTI data arrays and affines, .npz arrays,
-    JSON without run-time fields, other files byte for byte (figures by name only)."""
-    fa = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
-    fb = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
-    diffs = [f"only in one: {sorted(fa ^ fb)}"] if fa != fb else []
-    for rel in sorted(r for r in fa & fb if not r.endswith(FIGURES)):
-        pa, pb = a / rel, b / rel
-        if rel.endswith(".nii.gz"):
-            ia, ib = nib.load(str(pa)), nib.load(str(pb))
-            same = (np.array_equal(np.asanyarray(ia.dataobj), np.asanyarray(ib.dataobj))
-                    and np.array_equal(ia.affine, ib.affine))
-        elif rel.endswith(".npz"):
-            with np.load(pa) as za, np.load(pb) as zb:
-                same = sorted(za.files) == sorted(zb.files) and all(np.array_equal(za[k], zb[k]) for k in za.files)
-        elif rel.endswith(".json"):
-            same = _strip_runtime(json.loads(pa.read_text())) == _strip_runtime(json.loads(pb.read_text()))
-        else:
-            same = pa.read_bytes() == pb.read_bytes()
-        if not same:
-            diffs.append(rel)
-    return diffs
+    return cli_argv(bids, out, "participant", "--skip-bids-validation", *BASE_FLAGS, "-w", work)
 
 
 # ------------------------------------------------------------------------------------------------------ fixtures
@@ -142,12 +103,10 @@ def bids(tiny_sample, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(bids, tmp_path_factory) -> Path:
-    """One uninterrupted run (its output_dir), shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = run_cli(bids, root / "out", "participant", "--skip-bids-validation", *BASE_FLAGS, "-w", root / "work")
-    assert proc.returncode == 0, proc.stderr
-    return root / "out"
+def reference(tiny_run) -> Path:
+    """The uninterrupted run to compare with (its output_dir): the session's reference run, same flags and threads
+    as :func:`_cmd` (its ``-v``, saved index and second subject leave ``sub-01``'s outputs as they are)."""
+    return tiny_run.out
 
 
 def _expected(reference: Path) -> set[str]:
@@ -155,14 +114,20 @@ def _expected(reference: Path) -> set[str]:
 
 
 def _run_polled(cmd: list[str], out: Path, expected: set[str], *, kill_at: float | None = None,
-                sig: int = signal.SIGKILL) -> tuple[subprocess.Popen, list[str], list[int], str]:
-    """Start ``cmd``; poll ``out`` while it runs; at ``kill_at`` s send ``sig`` (SIGKILL: to the whole process tree,
+                kill_after: Path | None = None, sig: int = signal.SIGKILL,
+                ) -> tuple[subprocess.Popen, list[str], list[int], str]:
+    """Start ``cmd``; poll ``out`` while it runs; at ``kill_at`` s (or 1 s after the path ``kill_after`` appears: a
+    node's folder in the work dir, created when that node starts) send ``sig`` (SIGKILL: to the whole process tree,
     as a scheduler killing the job does; else to the main process only, as ``kill`` / ``scancel --signal`` do)."""
     poller = Poller(out, expected)
     poller.start()
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tree: list[int] = []
     try:
+        if kill_after is not None:
+            while proc.poll() is None and not kill_after.exists():
+                time.sleep(0.1)
+            kill_at = 1.0
         if kill_at is not None:
             try:
                 proc.wait(timeout=kill_at)
@@ -176,46 +141,53 @@ def _run_polled(cmd: list[str], out: Path, expected: set[str], *, kill_at: float
                             pass
                 else:
                     proc.send_signal(sig)
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
     return proc, poller.stop(), tree, err
 
 
-def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(bids, reference, tmp_path):
+def _kill_then_rerun(bids: Path, reference: Path, root: Path, at: float) -> None:
+    """Kill a run (its whole process tree) ``at`` s in, check nothing partial showed and no process is left, rerun it
+    with the same output and work dirs: it completes, nothing partial shows, and it equals the uninterrupted run."""
     expected = _expected(reference)
+    out, work = root / "out", root / "work"
+    proc, problems, tree, _ = _run_polled(_cmd(bids, out, work), out, expected, kill_at=at)
+    assert problems == [], f"kill at {at:.1f} s: {problems}"
+    assert proc.returncode in (0, -signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in tree)
+    proc, problems, _, err = _run_polled(_cmd(bids, out, work), out, expected)
+    assert proc.returncode == 0, err
+    assert problems == [], f"rerun after a kill at {at:.1f} s: {problems}"
+    assert outputs_differ(reference / "sub-01", out / "sub-01") == [], f"kill at {at:.1f} s"
+    assert hidden_or_temp(out) == []  # the killed run's staging folder was removed by the rerun
+
+
+def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(bids, reference, tiny_run, tmp_path):
+    """Kill times: one seeded point in each quarter of the reference run's wall time (at least 1 s in)."""
     before = tree_digest(bids)
     rng = np.random.default_rng(KILL_SEED)
-    survived = 0
-    for i, (lo, hi) in enumerate(KILL_WINDOWS):
-        at = float(rng.uniform(lo, hi))
-        out, work = tmp_path / f"out{i}", tmp_path / f"work{i}"
-        proc, problems, tree, _ = _run_polled(_cmd(bids, out, work), out, expected, kill_at=at)
-        assert problems == [], f"kill at {at:.1f} s: {problems}"
-        assert proc.returncode in (0, -signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in tree) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(p) for p in tree)
-        # rerun with the same output and work dirs: it completes, and equals the uninterrupted run
-        proc, problems, _, err = _run_polled(_cmd(bids, out, work), out, expected)
-        assert proc.returncode == 0, err
-        assert problems == [], f"rerun after a kill at {at:.1f} s: {problems}"
-        assert outputs_differ(reference / "sub-01", out / "sub-01") == [], f"kill at {at:.1f} s"
-        assert hidden_or_temp(out) == []  # the killed run's staging folder was removed by the rerun
-        survived += 1
-    assert survived == len(KILL_WINDOWS)
+    times = [max(1.0, float(rng.uniform(lo, hi)) * tiny_run.seconds) for lo, hi in KILL_WINDOWS]
+    with ThreadPoolExecutor(PARALLEL_RUNS) as pool:
+        futures = [pool.submit(_kill_then_rerun, bids, reference, tmp_path / f"run{i}", at)
+                   for i, at in enumerate(times)]
+        for f in futures:
+            f.result()  # re-raises the sequence's failed assertion
     assert tree_digest(bids) == before
 
 
 @pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_sigterm_and_sigint_stop_cleanly(bids, reference, tmp_path, sig, code, name):
-    """Signalled during stage 2 (~13 s in): one line saying so, the conventional exit code, no staging folder, no
-    temp file, no sub-01, and every worker process gone."""
-    out = tmp_path / "out"
-    proc, problems, tree, err = _run_polled(_cmd(bids, out, tmp_path / "work"), out, _expected(reference),
-                                            kill_at=13.0, sig=sig)
+    """Signalled while a worker process computes (1 s into the registration node, found through its folder in the
+    work dir): one line saying so, the conventional exit code, no staging folder, no temp file, no sub-01, and every
+    worker process gone."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc, problems, tree, err = _run_polled(_cmd(bids, out, work), out, _expected(reference),
+                                            kill_after=work / "sub_01_wf" / "T2w_wf" / "register", sig=sig)
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal (machine faster than expected)")
     assert proc.returncode == code, err

@@ -51,7 +51,8 @@ def test_cli_fails_on_target_registration_failure(tiny_sample, tmp_path):
     nib.save(_rotated_shifted(nib.load(str(t2w))), str(t2w))
     out = tmp_path / "out"
     proc = subprocess.run([str(Path(sys.executable).parent / "atlasgs-bids"), str(bids), str(out), "participant",
-                           "--quality", "fast", "--work-dir", str(tmp_path / "work"), "--skip-bids-validation"],
+                           "--quality", "fast", "--skull-stripped", "--work-dir", str(tmp_path / "work"),
+                           "--skip-bids-validation"],
                           capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]

@@ -274,18 +274,17 @@ def test_pages_load_in_chromium(synthetic_subject):
 
 # ------------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_app_reports_end_to_end(tiny_sample, tmp_path):
-    """participant (report staged and committed), group (table + page), then --reports-only redraws the figures."""
-    from conftest import copy_bids
+def test_app_reports_end_to_end(tiny_run, tmp_path):
+    """participant (the session's reference run, copied: report staged and committed), group (table + page), then
+    --reports-only redraws the figures."""
+    import shutil
 
     from atlasgs_bids.bids.validate import validate_dataset
     from atlasgs_bids.cli import main
 
-    bids = copy_bids(tiny_sample.bids_dir, tmp_path / "bids", participants=("01",))
-    (bids / "sub-02").mkdir()  # a participant with no data: the group level lists it as missing
-    out = tmp_path / "out"
+    bids = tiny_run.bids  # sub-02 is in the dataset but was never run: the group level lists it as missing
+    out = shutil.copytree(tiny_run.out, tmp_path / "out", symlinks=True)
     common = ["--quality", "fast", "--skull-stripped", "--skip-bids-validation", "-w", str(tmp_path / "work")]
-    assert main([str(bids), str(out), "participant", "--participant-label", "01", *common]) == 0
     page = out / "sub-01.html"
     assert_self_contained(page)
     srcs = _srcs(page)
