@@ -101,17 +101,14 @@ def test_mni152_heldout_gain_agrees_in_sign_with_true_gain(shared_data):
 
 
 @pytest.mark.slow
-def test_tiny_sample_run_writes_qc(tiny_sample, tmp_path):
-    """Whole participant run on the tiny sample: QC JSON (agreed schema), residual map, sidecar metrics and flags."""
+def test_tiny_sample_run_writes_qc(tiny_sample, tiny_run):
+    """Whole participant run on the tiny sample (the session's shared reference run, conftest ``tiny_run``): QC JSON
+    (agreed schema), residual map, sidecar metrics and flags."""
     import json
 
     import nibabel as nib
 
-    from atlasgs_bids import cli
-
-    out, work = tmp_path / "out", tmp_path / "work"
-    assert cli.main([str(tiny_sample.bids_dir), str(out), "participant", "--quality", "fast", "--work-dir",
-                     str(work), "--skip-bids-validation"]) == 0
+    out, work = tiny_run.out, tiny_run.work
     (qc_file,) = work.rglob("T2w_wf/qc/qc.json")
     qc = json.loads(qc_file.read_text())
     assert qc["target"] == "sub-01_T2w.nii.gz" and qc["modality"] == "T2w" and qc["device"] == "cpu"
@@ -121,11 +118,12 @@ def test_tiny_sample_run_writes_qc(tiny_sample, tmp_path):
     # truth on this sample: AtlasGS beats cubic (the harmonised output), so the held-out score must say so too
     assert sv["gain_psnr_db"] > 0 and not sv["flag"] and qc["flags"] == []
     assert 0 < qc["fit"]["relative_residual"] < 0.1 and len(qc["fit"]["history"]) == qc["fit"]["iterations"]
+    assert qc["fit"]["preconditioner"]["block"] == 8 and qc["fit"]["preconditioner"]["n_coarse"] > 0
     (res_file,) = work.rglob("T2w_wf/harmonize/residual.nii.gz")
     res, t2w = nib.load(str(res_file)), nib.load(str(tiny_sample.t2w))
     assert res.shape == t2w.shape and np.allclose(res.affine, t2w.affine) and res.get_data_dtype() == np.float32
     assert np.count_nonzero(np.asarray(res.dataobj)) > 1000
-    (side,) = out.rglob("*_space-T1w_desc-atlasgs_T2w.json")
+    (side,) = out.rglob("sub-01*_space-T1w_desc-atlasgs_T2w.json")
     meta = json.loads(side.read_text())
     for key in ("registration_ncc", "registration_mask_dice", "heldout_psnr", "heldout_ncc", "heldout_mae",
                 "heldout_cubic_psnr", "heldout_cubic_ncc", "heldout_cubic_mae", "heldout_gain_db",
