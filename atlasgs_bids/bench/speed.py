@@ -1,4 +1,6 @@
-"""``atlasgs-bids bench --speed [--factors 5] [--degradations gaussian] [--volumes 30]``: what one target costs, beside its voxel-basis twin, and what a 4D series costs.
+"""``atlasgs-bids bench --speed``: what one target costs, beside its voxel-basis twin, and what a 4D series costs.
+
+Options: ``[--factors 5] [--degradations gaussian] [--volumes 30] [--quality default] [--crop N]``.
 
 One simulated thick-slice case of the MNI152 pair (x5 Gaussian profile by default, the case of issue 14):
 

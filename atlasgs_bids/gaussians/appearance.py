@@ -8,7 +8,8 @@ With the geometry frozen, a target voxel's measurement is linear in the per-Gaus
     min_v ||y - A diag(s) v||^2 + lambda v^T L v    subject to  0 <= c_i <= U s_i
 
 by preconditioned conjugate gradients on the normal equations (block Jacobi + a coarse-grid correction, ADR 0007),
-then a projected-gradient refinement that enforces the bounds (ADR 0005). L is the graph Laplacian of the Gaussians' k-nearest-neighbour graph with weights
+then a projected-gradient refinement that enforces the bounds (ADR 0005). L is the graph Laplacian of the
+Gaussians' k-nearest-neighbour graph with weights
 ``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * (d0 / d_ij)^2``: smooth inside a tissue, nearly free
 across T1w edges (t1 normalised to its 99th percentile in the mask; d0 the median neighbour distance); the floor
 keeps a Gaussian that differs from all its neighbours (a vessel, a sulcus, T1w noise) coupled to them, so the solve
@@ -25,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
-from nibabel.affines import apply_affine
 import torch
+from nibabel.affines import apply_affine
 
 from atlasgs_bids.gaussians.forward import (psf_covariance, scaffold_lattice, scaffold_measure, scaffold_operator,
                                             target_vox2t1w)

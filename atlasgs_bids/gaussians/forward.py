@@ -8,8 +8,8 @@ Because the PSF is the same for every voxel of an affine image, one blurred copy
 from __future__ import annotations
 
 import numpy as np
-from nibabel.affines import apply_affine
 import torch
+from nibabel.affines import apply_affine
 
 from atlasgs_bids.gaussians import lattice as lattice_mod
 from atlasgs_bids.gaussians.field import CUTOFF, MAX_PAIRS, blur, measure, measure_pairs

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from nibabel.affines import apply_affine
 import torch
+from nibabel.affines import apply_affine
 
 from atlasgs_bids.gaussians.appearance import Appearance
 from atlasgs_bids.gaussians.forward import psf_covariance, scaffold_measure
