@@ -189,11 +189,24 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
                                  options or AdaptiveScaffoldOptions.preset(quality), seed=seed, device=device)
 
 
+def harmonize_case(core, scaffold, case: cases.Case, subject: cases.Subject, quality: str, device: str, *,
+                   thick: np.ndarray | None = None):
+    """The app's own entry point on a case, with the case's simulated slice profile as the acquisition model;
+    ``thick`` replaces the case's target (e.g. a 4D series built from it). Returns the ``Harmonized``."""
+    return core.harmonize(scaffold, nib.Nifti1Image(case.thick if thick is None else thick, case.thick_affine),
+                          np.eye(4), nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
+                          core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+
+
+def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h: float, device: str):
+    """The voxel-basis twin on a case, started from the cubic interpolation; returns its ``VoxelBasisResult``."""
+    op = vb.slice_operator(subject.shape[case.axis], case.factor, case.degradation, axis=case.axis)
+    x0 = baselines.interpolate_cubic(case.thick, case.thick_affine, subject.affine, subject.shape)
+    return vb.solve_voxel_basis(case.thick, op, subject.t1w, subject.mask, lam=lam, h=h, x0=x0, device=device)
+
+
 def _core_reconstruct(core, scaffold, case, subject, quality, device):
-    # The app's own entry point, with the case's simulated slice profile as the acquisition model.
-    result = core.harmonize(scaffold, nib.Nifti1Image(case.thick, case.thick_affine), np.eye(4),
-                            nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                            core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+    result = harmonize_case(core, scaffold, case, subject, quality, device)
     pred = np.asarray(result.image.dataobj)
     diag = result.diagnostics
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
@@ -248,10 +261,7 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
                                                radius=params["radius"], radius_slices=params["radius_slices"],
                                                eps=params["eps"], mask=subject.mask)
             elif method == "voxel-basis":
-                op = vb.slice_operator(shape[case.axis], case.factor, case.degradation, axis=case.axis)
-                x0 = baselines.interpolate_cubic(case.thick, case.thick_affine, aff, shape)
-                res = vb.solve_voxel_basis(case.thick, op, subject.t1w, subject.mask, lam=lam, h=h, x0=x0,
-                                           device=device)
+                res = voxel_basis_case(case, subject, lam=lam, h=h, device=device)
                 pred = res.data
                 params = dict(res.params, iterations=res.iterations,
                               relative_residual=float(f"{res.relative_residual:.3g}"),
@@ -442,6 +452,8 @@ def run(args: argparse.Namespace) -> int:
 
     if any(f < 1 for f in args.factors):
         raise InputError(f"--factors must be positive integers, got {args.factors}")
+    if getattr(args, "volumes", 1) < 1:
+        raise InputError(f"--volumes must be a positive integer (1: no series), got {args.volumes}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)

@@ -21,22 +21,13 @@ import logging
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from atlasgs_bids.bench import baselines, cases
-from atlasgs_bids.bench import voxel_basis as vb
-from atlasgs_bids.bench.run import DEFAULT_H, DEFAULT_LAMBDA, PeakMemory, machine_info
+from atlasgs_bids.bench import cases
+from atlasgs_bids.bench.run import (DEFAULT_H, DEFAULT_LAMBDA, PeakMemory, harmonize_case, load_core, machine_info,
+                                    voxel_basis_case)
 
 LOG = logging.getLogger("atlasgs_bids.bench")
-
-
-def _harmonize(scaffold, thick: np.ndarray, case: cases.Case, subject: cases.Subject, quality: str, device: str):
-    from atlasgs_bids.harmonize import HarmonizeOptions, harmonize
-
-    return harmonize(scaffold, nib.Nifti1Image(thick, case.thick_affine), np.eye(4),
-                     nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                     HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
 
 
 def _row(name: str, seconds: float, mem: PeakMemory, **extra) -> dict:
@@ -63,10 +54,11 @@ def run_speed(data: Path, out: Path, *, factor: int = 5, degradation: str = "gau
     report["scaffold_seconds"] = round(time.perf_counter() - t0, 2)
     report["n_gaussians"] = scaffold.n_gaussians
 
+    core = load_core()
     LOG.info("speed: atlasgs x%d %s ...", factor, degradation)
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        res = _harmonize(scaffold, case.thick, case, subject, quality, device)
+        res = harmonize_case(core, scaffold, case, subject, quality, device)
         seconds = time.perf_counter() - t0
     d = res.diagnostics
     single = _row("atlasgs", seconds, mem, psnr=round(cases.psnr(np.asarray(res.image.dataobj), subject.t2w,
@@ -81,10 +73,7 @@ def run_speed(data: Path, out: Path, *, factor: int = 5, degradation: str = "gau
     LOG.info("speed: voxel-basis twin ...")
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        op = vb.slice_operator(subject.shape[case.axis], case.factor, case.degradation, axis=case.axis)
-        x0 = baselines.interpolate_cubic(case.thick, case.thick_affine, subject.affine, subject.shape)
-        twin = vb.solve_voxel_basis(case.thick, op, subject.t1w, subject.mask, lam=DEFAULT_LAMBDA, h=DEFAULT_H, x0=x0,
-                                    device=device)
+        twin = voxel_basis_case(case, subject, lam=DEFAULT_LAMBDA, h=DEFAULT_H, device=device)
         seconds = time.perf_counter() - t0
     report["rows"].append(_row("voxel-basis", seconds, mem, iterations=twin.iterations,
                                psnr=round(cases.psnr(twin.data, subject.t2w, subject.mask), 3)))
@@ -97,7 +86,7 @@ def run_speed(data: Path, out: Path, *, factor: int = 5, degradation: str = "gau
         series = series.astype(np.float32)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            res4 = _harmonize(scaffold, series, case, subject, quality, device)
+            res4 = harmonize_case(core, scaffold, case, subject, quality, device, thick=series)
             seconds = time.perf_counter() - t0
         d4 = res4.diagnostics
         report["rows"].append(_row("atlasgs-series", seconds, mem, volumes=volumes, iterations=d4["iterations"],

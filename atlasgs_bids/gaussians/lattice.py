@@ -151,7 +151,6 @@ def weights(lattice: Lattice, points_vox: np.ndarray, kerns: list[Kernel], *, cu
     frac = nodes - pts  # in [-0.5, 0.5]; exactly 0 when the points are nodes
     radius = float(np.abs(frac).max()) if len(pts) else 0.0
     offs = offsets(kerns, cutoff=cutoff, radius=min(radius + 1e-9, 0.5))
-    # Pad the node index by the reach of the offsets, so a node's linear index is one addition and one gather.
     reach = int(np.abs(offs).max()) if len(offs) else 0
     # A point whose node lies more than `reach` beyond the grid meets no Gaussian: it gets no entries. The others
     # are looked up in the node index padded by 2 x reach, so a node's linear index is one addition, one gather.

@@ -5,9 +5,9 @@ Solves, for every column (volume) of ``y``,
     min_v ||y - A (sum_k basis_k * v_k)||^2 + sum_k lam_k v_k^T L v_k + ridge ||v||^2
 
 by preconditioned conjugate gradients on the normal equations: block Jacobi over each Gaussian's channels, plus a
-coarse-grid correction when ``coarse`` is given (:mod:`atlasgs_bids.gaussians.precondition`). ``A`` [M, N] is a sparse measurement
-operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels, ``L`` [N, N] a graph
-Laplacian (or none).
+coarse-grid correction when ``coarse`` is given (:mod:`atlasgs_bids.gaussians.precondition`). ``A`` [M, N] is a
+sparse measurement operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels,
+``L`` [N, N] a graph Laplacian (or none).
 
 With ``bounds``, each Gaussian's amplitude ``c_i = sum_k basis_ik v_ik`` is constrained to ``[lower_i, upper_i]``
 (per volume): CG gives the unconstrained minimiser, and a projected-gradient refinement
@@ -86,7 +86,8 @@ def fit_coefficients(
     col_sq = a_mat.column_sq_sums().to(device)
     reg_diag = torch.full((nb, n), float(ridge), device=device, dtype=y.dtype)
     if laplacian is not None:
-        reg_diag = reg_diag + torch.tensor(lams, device=device, dtype=y.dtype)[:, None] * laplacian.diagonal().to(device)[None, :]
+        lam_col = torch.tensor(lams, device=device, dtype=y.dtype)[:, None]
+        reg_diag = reg_diag + lam_col * laplacian.diagonal().to(device)[None, :]
     diag = basis_t**2 * col_sq[None, :] + reg_diag
     precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)  # Jacobi: the scaling of the bounded refinement
     rhs = adjoint(y)

@@ -6,9 +6,10 @@ the brain one neighbour per iteration, and 400 iterations did not reach a relati
 coarse space fixes that: Gaussians are grouped into blocks of ``block`` x ``block`` x ``block`` T1w voxels
 (aggregates), ``P`` maps one value per aggregate and channel to its Gaussians (piecewise constant), and
 
-    M^-1 r = D^-1 r + P (P^T H P)^-1 P^T r
+    M^-1 r = J^-1 r + P (P^T H P)^-1 P^T r
 
-(additive two-level Schwarz; Toselli & Widlund 2005, ch. 2). ``P^T H P`` is assembled exactly from the sparse
+(additive two-level Schwarz; Toselli & Widlund 2005, ch. 2), ``J`` the block-Jacobi part
+(:class:`BlockJacobi`). ``P^T H P`` is assembled exactly from the sparse
 operator (``A B P`` is a sparse product) and factorised once by sparse LU; each iteration then costs one
 restriction, one triangular solve pair on the coarse system and one prolongation. ``M`` is symmetric positive
 definite, so plain CG stays valid. CPU only (scipy's SuperLU); on CUDA the coarse system is solved on the CPU.
