@@ -35,6 +35,7 @@ from atlasgs_bids.gaussians.lattice import neighbours as lattice_neighbours
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
+from atlasgs_bids.gaussians.uncertainty import PosteriorSamples, posterior_samples
 from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
 from atlasgs_bids.imaging.noise import graph_noise_sigma, noise_sigma_inplane
@@ -126,6 +127,8 @@ class Appearance:
     fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
     fitted_residual : [M, V] float32, measured minus the forward prediction ``A c`` at ``fitted_ijk``, in the
         target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
+    posterior : draws from the posterior of ``coeffs`` per unit noise SD (first volume's model;
+        :class:`~atlasgs_bids.gaussians.uncertainty.PosteriorSamples`), None unless fitted with ``posterior=True``
     """
 
     scaffold: Scaffold
@@ -136,6 +139,7 @@ class Appearance:
     target_shape: tuple[int, int, int] | None = None
     fitted_ijk: np.ndarray | None = None
     fitted_residual: np.ndarray | None = None
+    posterior: PosteriorSamples | None = None
 
     @property
     def n_volumes(self) -> int:
@@ -257,6 +261,7 @@ def fit_appearance(
     *,
     mask: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    posterior: bool = False,
 ) -> Appearance:
     """Fit the per-Gaussian appearance of a target on a frozen scaffold.
 
@@ -269,6 +274,7 @@ def fit_appearance(
     options : :class:`AppearanceOptions`
     mask : (I, J, K) bool, optional, target voxels allowed in the fit (on top of the brain-mask rule)
     device : torch device of the solve
+    posterior : also draw from the posterior (``Appearance.posterior``; one multi-column CG solve after the fit)
 
     Returns
     -------
@@ -338,6 +344,7 @@ def fit_appearance(
     resid = y - pred
     fitted_residual = (y_raw - np.asarray(intensity.invert(pred.cpu().numpy()), dtype=np.float32)).astype(np.float32)
     seconds = time.perf_counter() - t0
+    draws = posterior_samples(a_mat, basis, lap, lams, info["preconditioner"]) if posterior else None
     diagnostics = {
         "seconds": seconds,
         "seconds_build": t_build,
@@ -358,6 +365,8 @@ def fit_appearance(
                         "scaffold",
         "h_used": h_used,
         "tuning": tuning,
+        "posterior_seconds": None if draws is None else draws.seconds,
+        "posterior_iterations": None if draws is None else draws.iterations,
         "bounds": {**bound_info, "n_outside_after_cg": info.get("n_at_bound_cg"),
                    "iterations": info.get("bound_iterations", 0), "rounding": info.get("bound_rounding")},
     }
@@ -370,6 +379,7 @@ def fit_appearance(
         target_shape=tuple(acquisition.shape),
         fitted_ijk=ijk.astype(np.int32),
         fitted_residual=fitted_residual,
+        posterior=draws,
     )
 
 

@@ -42,6 +42,8 @@ def fit_coefficients(
     bound_iter: int = 100,
     bound_tol: float = 1e-4,
     coarse: tuple[np.ndarray, int] | None = None,
+    extra_rhs: torch.Tensor | None = None,
+    preconditioner=None,
 ) -> tuple[torch.Tensor, dict]:
     """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` ([M, N]).
 
@@ -50,9 +52,12 @@ def fit_coefficients(
     (same units as ``c``); refined by at most ``bound_iter`` projected-gradient iterations (stop at ``bound_tol``).
     ``coarse`` = (means [N, 3] in T1w voxel coordinates, block side in voxels): add the two-level coarse-grid
     correction (:func:`~atlasgs_bids.gaussians.precondition.two_level`) to the Jacobi preconditioner of CG.
+    ``extra_rhs`` [nb * N, V] (channel-major) is added to the normal equations' right-hand side ``B^T A^T y`` (the
+    prior's perturbation of a posterior sample, :mod:`atlasgs_bids.gaussians.uncertainty`); ``preconditioner``: a
+    previous solve's ``info["preconditioner"]`` on the same operator, reused instead of built (``coarse`` ignored).
     Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history; with
     bounds also ``bound_iterations``, ``bound_step`` history, and ``n_at_bound_cg`` the amplitudes outside the box
-    after CG, worst volume).
+    after CG, worst volume, and ``preconditioner``, the ``M^-1`` CG used: an approximate ``H^-1``).
     """
     n, nb = basis.shape
     n_vol = y.shape[1]
@@ -90,17 +95,19 @@ def fit_coefficients(
         reg_diag = reg_diag + lam_col * laplacian.diagonal().to(device)[None, :]
     diag = basis_t**2 * col_sq[None, :] + reg_diag
     precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)  # Jacobi: the scaling of the bounded refinement
-    rhs = adjoint(y)
+    rhs = adjoint(y) if extra_rhs is None else adjoint(y).add_(extra_rhs.to(device))
     x0 = None if v0 is None else v0.permute(1, 0, 2).reshape(-1, n_vol).contiguous()
-    m_inv = precond if nb == 1 else BlockJacobi.build(basis, col_sq, reg_diag)
+    m_inv = preconditioner if preconditioner is not None else (
+        precond if nb == 1 else BlockJacobi.build(basis, col_sq, reg_diag))
     coarse_info = None
-    if coarse is not None:
+    if coarse is not None and preconditioner is None:
         smoother = m_inv if nb > 1 else BlockJacobi.build(basis, col_sq, reg_diag)
         two = two_level(a_mat, basis, laplacian, lams, smoother, coarse[0], block=int(coarse[1]), ridge=ridge)
         m_inv, coarse_info = two, {"block": int(coarse[1]), "n_coarse": two.n_coarse * nb, "seconds": two.seconds,
                                   "factor_nnz": int(two.lu.L.nnz + two.lu.U.nnz)}
     v, info = conjugate_gradient(normal, rhs, m_inv, x0=x0, max_iter=max_iter, tol=tol)
     info["coarse"] = coarse_info
+    info["preconditioner"] = m_inv  # an approximate inverse of H: the posterior's read-out (gaussians.uncertainty)
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
         c = expand(v)
         lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)

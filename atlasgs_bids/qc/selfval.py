@@ -295,32 +295,17 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
     if region is not None:
         eligible = eligible[np.asarray(region, dtype=bool)[tuple(eligible.T)]]
     first, last = slab
-    n = vol.shape[axis]
-    in_slab = np.zeros(n, dtype=bool)
-    in_slab[first:last + 1] = True
-    is_held = np.zeros(n, dtype=bool)
+    is_held = np.zeros(vol.shape[axis], dtype=bool)
     is_held[held] = True
-    shape = [1, 1, 1]
-    shape[axis] = n
-    fit_mask = np.broadcast_to((in_slab & ~is_held).reshape(shape), vol.shape)
-    if region is not None:
-        fit_mask = fit_mask & np.asarray(region, dtype=bool)
+    fit_mask = heldout_fit_mask(vol.shape[:3], axis, held, slab, region)
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
-    def subset() -> Scaffold:
-        part = slab_scaffold(scaffold, vox2t1w, axis, first - GAUSSIAN_MARGIN, last + GAUSSIAN_MARGIN)
-        return part if region is None else _region_scaffold(part, vox2t1w, region, axis)
-
-    # One subset object per slab and region, so that fits on the same slab (the tuning's candidates) share its
-    # geometry-only quantities (lattice layout, neighbours, overlap normaliser; Scaffold.cached).
-    key = hashlib.sha1(np.asarray(vox2t1w, dtype=np.float64).tobytes() + np.array([axis, first, last]).tobytes()
-                       + (np.packbits(np.asarray(region, dtype=bool)).tobytes() if region is not None else b"")).hexdigest()
-    sub = scaffold.cached(f"slab:{key}", subset)
+    sub = heldout_scaffold(scaffold, vox2t1w, axis, slab, region)
 
     t1 = time.perf_counter()
     appearance = fit_appearance(sub, vol, acquisition, target2t1w, options, mask=fit_mask, device=device)
     fit_s = time.perf_counter() - t1
 
-    heldout = eligible[is_held[eligible[:, axis]]]
+    heldout, inner = scored_heldout(eligible, vol.shape[:3], acquisition, held)
     measured = vol[tuple(heldout.T)]
     ours = predict(appearance, acquisition, heldout, device=device)[:, 0]
     cub_slices = cubic_along_slices(vol, axis, np.flatnonzero(~is_held), np.asarray(held))
@@ -329,15 +314,58 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
     idx[:, axis] = [pos[int(s)] for s in heldout[:, axis]]
     cubic = cub_slices[tuple(idx.T)]
     edge_mm = float(acquisition.fwhm_vox[axis] * acquisition.zooms[axis])
-    inner = edge_distance_mm(eligible, vol.shape, acquisition, heldout) >= edge_mm
-    if inner.sum() < 16:  # a thin brain section: score every held-out voxel rather than none
-        inner[:] = True
     a, c = score(ours[inner], measured[inner]), score(cubic[inner], measured[inner])
     everything = {"atlasgs": asdict(score(ours, measured)), "cubic": asdict(score(cubic, measured)),
                   "n": int(len(heldout))}
-    return HeldOutRun(n_fit_slices=int((in_slab & ~is_held).sum()), n_scored=int(inner.sum()), edge_mm=edge_mm,
+    return HeldOutRun(n_fit_slices=int(last - first + 1 - len(held)), n_scored=int(inner.sum()), edge_mm=edge_mm,
                       all_voxels=everything, atlasgs=a, cubic=c, gain_psnr_db=float(a.psnr - c.psnr),
                       fit_seconds=fit_s, n_gaussians=sub.n_gaussians)
+
+
+def scored_heldout(eligible: np.ndarray, shape: tuple[int, int, int], acquisition: Acquisition,
+                   held: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out voxels [H, 3] (the ``eligible`` ones on slices ``held``) and which are scored [H] bool: those at
+    least one slice thickness (mm, in plane) inside the eligible region's edge (every one when fewer than 16 are)."""
+    axis = int(acquisition.slice_axis)
+    is_held = np.zeros(shape[axis], dtype=bool)
+    is_held[list(held)] = True
+    heldout = eligible[is_held[eligible[:, axis]]]
+    edge_mm = float(acquisition.fwhm_vox[axis] * acquisition.zooms[axis])
+    inner = edge_distance_mm(eligible, shape, acquisition, heldout) >= edge_mm
+    if inner.sum() < 16:  # a thin brain section: score every held-out voxel rather than none
+        inner[:] = True
+    return heldout, inner
+
+
+def heldout_fit_mask(shape: tuple[int, int, int], axis: int, held: list[int], slab: tuple[int, int],
+                     region: np.ndarray | None = None) -> np.ndarray:
+    """(I, J, K) bool: the kept slices of ``slab`` (first, last; inclusive), minus ``held``, within ``region``."""
+    kept = np.zeros(shape[axis], dtype=bool)
+    kept[slab[0]:slab[1] + 1] = True
+    kept[list(held)] = False
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    mask = np.broadcast_to(kept.reshape(view), shape)
+    return mask & np.asarray(region, dtype=bool) if region is not None else mask
+
+
+def heldout_scaffold(scaffold: Scaffold, vox2t1w: np.ndarray, axis: int, slab: tuple[int, int],
+                     region: np.ndarray | None = None) -> Scaffold:
+    """The Gaussians a held-out fit on ``slab`` (and ``region``) can see, one object per slab and region.
+
+    One subset object per slab and region (``Scaffold.cached``), so that fits on the same slab (the tuning's
+    candidates, the SD calibration) share its geometry-only quantities (lattice layout, neighbours, overlap
+    normaliser).
+    """
+    first, last = slab
+
+    def subset() -> Scaffold:
+        part = slab_scaffold(scaffold, vox2t1w, axis, first - GAUSSIAN_MARGIN, last + GAUSSIAN_MARGIN)
+        return part if region is None else _region_scaffold(part, vox2t1w, region, axis)
+
+    key = hashlib.sha1(np.asarray(vox2t1w, dtype=np.float64).tobytes() + np.array([axis, first, last]).tobytes()
+                       + (np.packbits(np.asarray(region, dtype=bool)).tobytes() if region is not None else b"")).hexdigest()
+    return scaffold.cached(f"slab:{key}", subset)
 
 
 def _region_scaffold(scaffold: Scaffold, vox2t1w: np.ndarray, region: np.ndarray, axis: int) -> Scaffold:

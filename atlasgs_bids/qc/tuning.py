@@ -133,7 +133,7 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
         record["reason"] = "no slab of brain slices outside the QC self-validation slabs"
         return replace(base, lam=lam_c), record
     held, (first, last) = slab
-    region = _inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, box_mm)
+    region = inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, box_mm)
     record.update(heldout_slices=held, fit_slices=[first, last], box_mm=box_mm)
 
     tried: list[dict] = []
@@ -167,7 +167,7 @@ def _clear_winner(scores: dict[float, float], incumbent: float) -> float:
     return best if scores[best] > scores[incumbent] + MIN_GAIN_DB else incumbent
 
 
-def _inplane_box(eligible: np.ndarray, shape: tuple[int, ...], axis: int, zooms: np.ndarray, first: int, last: int,
+def inplane_box(eligible: np.ndarray, shape: tuple[int, ...], axis: int, zooms: np.ndarray, first: int, last: int,
                  box_mm: float) -> np.ndarray:
     """(I, J, K) bool: an in-plane box of ``box_mm`` centred on the brain voxels of slices first..last."""
     inplane = [a for a in range(3) if a != axis]
