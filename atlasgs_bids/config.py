@@ -95,6 +95,8 @@ class FitConfig:
     """Quality preset (:data:`atlasgs_bids.presets.QUALITIES`): stage-2 solver budget and lambda tuning."""
     seed: int = 0
     """Seed of the registration sampling (the default lattice scaffold is not random)."""
+    uncertainty: bool = True
+    """Write each target's calibrated posterior SD map (``desc-atlasgsSD``; ADR 0008); ``--no-uncertainty`` skips it."""
 
     def __post_init__(self) -> None:
         check_quality(self.quality)

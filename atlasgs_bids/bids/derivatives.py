@@ -10,6 +10,8 @@ output dataset and moved into place only once the participant succeeded (:func:`
 'sub-01/ses-1/anat/sub-01_ses-1_acq-tse_run-2_space-T1w_desc-atlasgs_T2w.nii.gz'
 >>> str(target_output(src, extension=".json"))
 'sub-01/ses-1/anat/sub-01_ses-1_acq-tse_run-2_space-T1w_desc-atlasgs_T2w.json'
+>>> str(sd_output(src))
+'sub-01/ses-1/anat/sub-01_ses-1_acq-tse_run-2_space-T1w_desc-atlasgsSD_T2w.nii.gz'
 >>> str(xfm_output(src))
 'sub-01/ses-1/anat/sub-01_ses-1_acq-tse_run-2_from-T2w_to-T1w_mode-image_xfm.txt'
 >>> str(target_output("/bids/sub-01/dwi/sub-01_dir-AP_dwi.nii.gz", extension=".bvec"))
@@ -129,6 +131,12 @@ def target_output(target_file: str | os.PathLike, *, suffix: str | None = None,
     return derivative_path(target_file, space="T1w", desc="atlasgs", suffix=suffix, extension=extension)
 
 
+def sd_output(target_file: str | os.PathLike, *, extension: str = ".nii.gz") -> Path:
+    """``<source entities>_space-T1w_desc-atlasgsSD_<suffix><ext>``: the per-voxel posterior SD of the harmonised
+    target (same grid and units), or its sidecar."""
+    return derivative_path(target_file, space="T1w", desc="atlasgsSD", extension=extension)
+
+
 def xfm_output(target_file: str | os.PathLike) -> Path:
     """``<source entities>_from-<suffix>_to-T1w_mode-image_xfm.txt``: the ITK rigid transform (target -> T1w)."""
     _, src_suffix, _ = parse_name(target_file)
@@ -230,7 +238,9 @@ Thick-slice contrasts (T2w, FLAIR, PDw, T2starw, dwi, asl) of each subject broug
 subject's 3D T1w by atlasgs-bids (a Gaussian scaffold built on the T1w, per-target intensities fitted through the
 target's slice profile and a rigid registration). Per subject: `desc-preproc_T1w` (the output grid),
 `desc-brain_mask`, `desc-atlasgs_gaussians` (the scaffold), `space-T1w_desc-atlasgs_<suffix>` (each target, with a
-JSON sidecar: sources, method, parameters, metrics, runtime) and `from-<suffix>_to-T1w_mode-image_xfm.txt` (ITK).
+JSON sidecar: sources, method, parameters, metrics, runtime), `space-T1w_desc-atlasgsSD_<suffix>` (its per-voxel
+uncertainty: the posterior SD calibrated on held-out slices, same units; unless `--no-uncertainty`) and
+`from-<suffix>_to-T1w_mode-image_xfm.txt` (ITK).
 `logs/` holds the run settings, per-participant status and methods text; `group_qc.tsv` the group QC table.
 """
 

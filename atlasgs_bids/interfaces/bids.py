@@ -163,6 +163,64 @@ class TargetSidecar(SimpleInterface):
         return runtime
 
 
+def sd_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: str, modality: str,
+               uncertainty: dict[str, Any], version: str) -> dict[str, Any]:
+    """The JSON sidecar of a harmonised target's SD map (``desc-atlasgsSD``).
+
+    ``uncertainty`` is the ``uncertainty`` record of :func:`atlasgs_bids.harmonize.sd_map` (method, calibration,
+    ``sd_median``, seconds). Keys: ``Description``, ``Units`` (the source's, when its sidecar states them),
+    ``Sources`` (BIDS URIs: the harmonised output first), ``SpatialReference``, ``Method``, ``Calibration`` (scale
+    and held-out figures), ``Metrics`` (``sd_median``, target units), ``Runtime``, ``Version``.
+    """
+    cal = dict(uncertainty.get("calibration") or {})
+    out = {
+        "Description": (f"per-voxel uncertainty of the {modality} brought to the T1w grid by atlasgs-bids: the "
+                        "posterior standard deviation of its stage-2 fit, calibrated on the target's own held-out "
+                        "slices, in the same units as the output (first volume of a series)"),
+        "Units": meta.get("Units", f"the units of the {modality} output (the source image's intensities)"),
+        "Sources": list(sources),
+        "SpatialReference": spatial_reference,
+        "Method": uncertainty.get("method"),
+        "Calibration": cal,
+        "Metrics": {"sd_median": uncertainty.get("sd_median"), "calibration_scale": cal.get("scale"),
+                    "heldout_coverage": cal.get("coverage"), "heldout_spearman": cal.get("spearman")},
+        "Runtime": {"seconds": uncertainty.get("seconds"), "fit_seconds": uncertainty.get("fit_seconds"),
+                    "relative_cost": uncertainty.get("relative_cost")},
+        "Version": version,
+    }
+    return out
+
+
+class _SDSidecarInputSpec(BaseInterfaceInputSpec):
+    meta = traits.Dict(usedefault=True, desc="source sidecar metadata")
+    sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs: the harmonised output, then its inputs")
+    spatial_reference = traits.Str(mandatory=True, desc="BIDS URI of the output grid (the preprocessed T1w)")
+    modality = traits.Str(mandatory=True, desc="target suffix")
+    appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON (its 'uncertainty' record)")
+    version = traits.Str(mandatory=True, desc="atlasgs-bids version")
+
+
+class _SDSidecarOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="sidecar JSON of the SD map")
+
+
+class SDSidecar(SimpleInterface):
+    """Build the SD map's sidecar (:func:`sd_sidecar`)."""
+
+    input_spec = _SDSidecarInputSpec
+    output_spec = _SDSidecarOutputSpec
+
+    def _run_interface(self, runtime):
+        report = json.loads(Path(self.inputs.appearance_report).read_text())
+        sidecar = sd_sidecar(meta=self.inputs.meta, sources=self.inputs.sources,
+                             spatial_reference=self.inputs.spatial_reference, modality=self.inputs.modality,
+                             uncertainty=report.get("uncertainty") or {}, version=self.inputs.version)
+        out = Path(runtime.cwd) / "sd.json"
+        atomic_write_json(out, sidecar)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
 def stage_files(in_files: list[str], rel_paths: list[str], stage_dir: str | os.PathLike,
                 json_files: dict[str, dict] | None = None) -> list[str]:
     """Copy each ``in_files[i]`` to ``stage_dir/rel_paths[i]`` and write each ``json_files`` entry (relative path

@@ -88,12 +88,14 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     quality = traits.Enum(*QUALITIES, usedefault=True, desc="stage-2 preset (atlasgs_bids.presets)")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
     threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")
+    uncertainty = traits.Bool(True, usedefault=True, desc="also write the calibrated posterior SD map")
 
 
 class _HarmonizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="harmonised target on the T1w grid, float32")
     out_report = File(exists=True, desc="JSON: appearance diagnostics, CG history, relative_residual")
     residual = File(exists=True, desc="measured - forward prediction, target grid, first volume, float32")
+    sd_file = File(desc="posterior SD of out_file (first volume), T1w grid, same units; with uncertainty only")
 
 
 class Harmonize(SimpleInterface):
@@ -115,8 +117,12 @@ class Harmonize(SimpleInterface):
         result = harmonize(load_scaffold(self.inputs.scaffold_file), load_nifti(self.inputs.target_file),
                            read_target2t1w(self.inputs.xfm_file), t1w, mask,
                            HarmonizeOptions(quality=self.inputs.quality, device=self.inputs.device,
-                                            slice_thickness=self.inputs.slice_thickness))
+                                            slice_thickness=self.inputs.slice_thickness,
+                                            uncertainty=self.inputs.uncertainty))
         save_nifti(result.image, cwd / "harmonized.nii.gz")
+        if result.sd is not None:
+            save_nifti(result.sd, cwd / "sd.nii.gz")
+            self._results["sd_file"] = str(cwd / "sd.nii.gz")
         save_nifti(result.residual, cwd / "residual.nii.gz")
         (cwd / "appearance.json").write_text(json.dumps(json_safe(result.diagnostics), indent=2))
         self._results.update(out_file=str(cwd / "harmonized.nii.gz"), out_report=str(cwd / "appearance.json"),

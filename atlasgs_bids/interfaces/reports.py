@@ -28,6 +28,8 @@ class _SubjectReportInputSpec(BaseInterfaceInputSpec):
     sidecars = InputMultiObject(File(exists=True), mandatory=True, desc="their JSON sidecars, same order")
     qc_jsons = InputMultiObject(File(exists=True), desc="QC records (qc_json of each target workflow)")
     residuals = InputMultiObject(File(exists=True), desc="residual maps on the target grids")
+    sd_maps = InputMultiObject(File(exists=True), desc="SD maps (desc-atlasgsSD) of the targets in sd_targets")
+    sd_targets = traits.List(traits.Str, usedefault=True, desc="raw targets that have an SD map, sd_maps' order")
 
 
 class _SubjectReportOutputSpec(TraitedSpec):
@@ -57,6 +59,7 @@ class SubjectReport(SimpleInterface):
         lists = (inp.modalities, inp.target_refs, inp.xfms, inp.harmonized, qcs, residuals, inp.sidecars)
         if any(len(x) != n for x in lists):
             raise ValueError(f"SubjectReport: {n} targets but lists of lengths {[len(x) for x in lists]}")
+        sd_maps = dict(zip(inp.sd_targets, inp.sd_maps)) if isdefined(inp.sd_maps) else {}
         figures: list[str] = []
         sidecars = {}
         for target, modality, ref, xfm, harmonized, qc_file, residual, sidecar in zip(inp.target_files, *lists):
@@ -67,7 +70,7 @@ class SubjectReport(SimpleInterface):
                                       t1w_file=inp.t1w_preproc,
                                       mask_file=inp.brain_mask if isdefined(inp.brain_mask) else None,
                                       harmonized_file=harmonized, xfm_file=xfm, qc=qc, residual_file=residual,
-                                      target_ref_file=ref)
+                                      target_ref_file=ref, sd_file=sd_maps.get(target))
             except Exception:  # a figure that cannot be drawn must not cost the participant its derivatives
                 LOGGER.exception("%s: report figures failed; the page shows this target without them", target)
                 if qc is not None:

@@ -206,6 +206,46 @@ def compare_mosaic_png(rows: dict[str, np.ndarray], axis: int, zooms: Sequence[f
     return _png(fig, dpi=100)
 
 
+def sd_mosaic_png(output: np.ndarray, sd: np.ndarray, axis: int, zooms: Sequence[float],
+                  mask: np.ndarray | None = None, *, n: int = 5, units: str = "output units") -> bytes:
+    """The output (grey, top row) and its per-voxel SD (colour, bottom row, 0 to the SD's 99th percentile in the
+    mask, with a colour bar in ``units``) on the same ``n`` cuts along ``axis``.
+
+    Parameters
+    ----------
+    output, sd : arrays, shape (I, J, K), one grid (the T1w's), the same units
+    axis : voxel axis of the cuts; zooms : 3 floats, mm; mask : bool array, optional (cut range, windows, crop)
+    """
+    inside = mask if mask is not None else sd > 0
+    vmin, vmax = window(output, mask, 2.0, 99.8)
+    top = float(np.percentile(sd[inside], 99)) if inside.any() else 1.0
+    top = top if top > 0 else 1.0
+    idx = mosaic_indices(mask, sd.shape, axis, n)
+    rs, cs = _crop_box(mask, axis, sd.shape)
+    fig, axes = plt.subplots(2, len(idx), figsize=(2.5 * len(idx) + 0.8, 5.7), facecolor="black", squeeze=False)
+    im = None
+    for c, k in enumerate(idx):
+        for r, (data, cmap, lo, hi) in enumerate(((output, "gray", vmin, vmax), (sd, "inferno", 0.0, top))):
+            ax = axes[r, c]
+            im_rc = ax.imshow(_cut(data, axis, k)[rs, cs], cmap=cmap, vmin=lo, vmax=hi, origin="lower",
+                              aspect=_aspect(zooms, axis), interpolation="nearest")
+            im = im_rc if r == 1 else im
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            _orient_labels(ax, axis)
+        axes[0, c].set_title(f"{_PLANE[axis]} {k} ({k * float(zooms[axis]):.0f} mm)", color="white", fontsize=10)
+    axes[0, 0].set_ylabel("atlasgs", color="white", fontsize=12)
+    axes[1, 0].set_ylabel("SD", color="white", fontsize=12)
+    fig.subplots_adjust(wspace=0.03, hspace=0.08)
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes[1].tolist(), shrink=0.9, pad=0.02)
+        cb.set_label(f"posterior SD ({units})", color="white", fontsize=9)
+        cb.ax.tick_params(labelsize=8, colors="white")
+    return _png(fig, dpi=100)
+
+
 def residual_mosaic_png(residual: np.ndarray, slice_axis: int, zooms: Sequence[float], *, n: int = 8,
                         units: str = "target units") -> bytes:
     """The data-consistency residual (measured - predicted) on the target's own grid, acquired slices in a row.

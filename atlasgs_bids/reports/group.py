@@ -29,6 +29,7 @@ REL_FLOOR = 0.01
 OUTLIER_METRICS: dict[str, str] = {
     "registration_ncc": "low", "registration_mask_dice": "low", "registration_spread_mm": "high",
     "heldout_psnr": "low", "heldout_ncc": "low", "heldout_mae": "high", "heldout_gain_db": "low", "relative_residual": "high", "runtime_seconds": "high",
+    "sd_median": "high",
 }
 
 
@@ -142,7 +143,8 @@ def row_order(row: dict[str, Any]) -> int:
 _SHORT = {"registration_ncc": "reg NCC", "registration_mask_dice": "reg Dice",
           "registration_spread_mm": "reg spread (mm)", "heldout_psnr": "held-out PSNR",
           "heldout_ncc": "held-out NCC", "heldout_mae": "held-out MAE", "heldout_cubic_psnr": "cubic PSNR",
-          "heldout_gain_db": "gain (dB)", "relative_residual": "rel. residual", "runtime_seconds": "runtime (s)"}
+          "heldout_gain_db": "gain (dB)", "relative_residual": "rel. residual", "runtime_seconds": "runtime (s)",
+          "sd_median": "SD median"}
 
 
 def _e(x: Any) -> str:

@@ -26,8 +26,8 @@ from atlasgs_bids.bids import derivatives as bd
 from atlasgs_bids.reports import figures as fg
 
 LOGGER = logging.getLogger("atlasgs")
-FIGURE_KINDS = ("edges", "mosaic", "residual", "convergence")
-_FIGURE_EXT = {"edges": ".png", "mosaic": ".png", "residual": ".png", "convergence": ".svg"}
+FIGURE_KINDS = ("edges", "mosaic", "uncertainty", "residual", "convergence")
+_FIGURE_EXT = {"edges": ".png", "mosaic": ".png", "uncertainty": ".png", "residual": ".png", "convergence": ".svg"}
 FLAG_TEXT = {
     "registration_poor": "Registration poor: NCC with the T1w below the warning threshold. Check the edge overlay.",
     "selfval_not_better_than_cubic": "Held-out slices: atlasgs is not better than cubic interpolation.",
@@ -106,7 +106,7 @@ def draw_target_figures(*, t1w_img: nib.spatialimages.SpatialImage, mask_img: ni
                         target_img: nib.spatialimages.SpatialImage, target_ref: np.ndarray,
                         harmonized_img: nib.spatialimages.SpatialImage, target2t1w: np.ndarray,
                         residual_img: nib.spatialimages.SpatialImage | None, qc: dict[str, Any] | None,
-                        ) -> dict[str, bytes | str]:
+                        sd_img: nib.spatialimages.SpatialImage | None = None) -> dict[str, bytes | str]:
     """Every figure of one target (``FIGURE_KINDS`` -> PNG bytes or SVG text; a kind without data is left out).
 
     Parameters
@@ -118,6 +118,7 @@ def draw_target_figures(*, t1w_img: nib.spatialimages.SpatialImage, mask_img: ni
     target2t1w : (4, 4) target world mm RAS -> T1w world mm RAS (inverse of the map in the ``_xfm.txt``)
     residual_img : measured - fitted on the target grid, or None
     qc : the QC record (``self_validation.slice_axis``, ``fit.history``), or None
+    sd_img : the output's per-voxel SD (``desc-atlasgsSD``, T1w grid), or None
     """
     t1w = np.asarray(t1w_img.dataobj, dtype=np.float32)
     t1w = t1w[..., 0] if t1w.ndim == 4 else t1w
@@ -136,6 +137,8 @@ def draw_target_figures(*, t1w_img: nib.spatialimages.SpatialImage, mask_img: ni
     grid_axis = slice_axis_on_grid(target_img.affine, target2t1w, t1w_img.affine, slice_axis)
     cut_axis = 1 if grid_axis != 1 else 0  # coronal cuts (sagittal for a coronal acquisition) contain the slice axis
     out["mosaic"] = fg.compare_mosaic_png({"cubic (input)": cubic, "atlasgs": harmonized}, cut_axis, zooms, mask)
+    if sd_img is not None:
+        out["uncertainty"] = fg.sd_mosaic_png(harmonized, _first_volume(sd_img), cut_axis, zooms, mask)
     if residual_img is not None:
         res = _first_volume(residual_img)
         out["residual"] = fg.residual_mosaic_png(res, slice_axis, residual_img.header.get_zooms()[:3])
@@ -240,6 +243,9 @@ CAPTIONS = {
              "transform (grey), T1w edges on top (red). The red outlines should follow the grey boundaries.",
     "mosaic": "Through-plane cuts (planes containing the target's slice axis), same grey window for both rows: "
               "top, the input thick-slice target resampled by cubic interpolation; bottom, the atlasgs output.",
+    "uncertainty": "Per-voxel uncertainty, same cuts: top, the atlasgs output; bottom, its posterior standard "
+                   "deviation (desc-atlasgsSD, output units), calibrated on the target's own held-out slices. Bright "
+                   "where the data constrain the output least (between slices, at edges the T1w does not share).",
     "residual": "Data-consistency residual of the full fit (measured minus fitted forward prediction) on the "
                 "target's own acquired slices; blue/red symmetric around zero, white = perfectly explained.",
     "convergence": "Stage-2 solver convergence: relative residual of the conjugate-gradient solve (normal equations) "
@@ -474,7 +480,7 @@ def report_target(root: str | os.PathLike, *, target_file: str | os.PathLike, mo
                   xfm_file: str | os.PathLike, qc: dict[str, Any] | None = None,
                   residual_file: str | os.PathLike | None = None, target_ref_file: str | os.PathLike | None = None,
                   bval_file: str | os.PathLike | None = None, aslcontext_file: str | os.PathLike | None = None,
-                  keep_qc: bool = True) -> dict[str, str]:
+                  sd_file: str | os.PathLike | None = None, keep_qc: bool = True) -> dict[str, str]:
     """Draw and save every figure of one target under ``root``; with ``keep_qc`` also save its QC record and
     residual under ``sub-X/qc/`` (the inputs of ``--reports-only``). Returns kind -> figure path under ``root``.
 
@@ -493,7 +499,8 @@ def report_target(root: str | os.PathLike, *, target_file: str | os.PathLike, mo
     figures = draw_target_figures(
         t1w_img=nib.load(str(t1w_file)), mask_img=nib.load(str(mask_file)) if mask_file else None,
         target_img=target_img, target_ref=ref, harmonized_img=nib.load(str(harmonized_file)),
-        target2t1w=read_target2t1w(xfm_file), residual_img=residual_img, qc=qc)
+        target2t1w=read_target2t1w(xfm_file), residual_img=residual_img, qc=qc,
+        sd_img=nib.load(str(sd_file)) if sd_file else None)
     if keep_qc:
         if qc is not None:
             bd.atomic_write_json(Path(root) / qc_path(stem), qc)
@@ -520,10 +527,11 @@ def regenerate_reports(output_dir: str | os.PathLike, subject_inputs: Iterable[A
             stem = target_stem(target.path)
             qc_file, residual = out / qc_path(stem), out / qc_path(stem, "residual.nii.gz")
             qc = json.loads(qc_file.read_text()) if qc_file.is_file() else None
+            sd = out / bd.sd_output(target.path)
             report_target(out, target_file=target.path, modality=target.modality, t1w_file=t1w,
                           mask_file=mask if mask.is_file() else None, harmonized_file=harmonized, xfm_file=xfm, qc=qc,
                           residual_file=residual if residual.is_file() else None, bval_file=target.bval,
-                          aslcontext_file=target.aslcontext, keep_qc=False)
+                          aslcontext_file=target.aslcontext, sd_file=sd if sd.is_file() else None, keep_qc=False)
         if load_entries([out], si.subject):
             pages[si.subject] = write_subject_html(out, si.subject, version=version)
         else:

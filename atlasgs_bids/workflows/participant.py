@@ -13,7 +13,7 @@ from atlasgs_bids.device import resolve_device
 from atlasgs_bids.interfaces.anat import BrainMask, Reorient
 from atlasgs_bids.interfaces.bids import DerivativesSink
 from atlasgs_bids.interfaces.fitting import FitScaffold
-from atlasgs_bids.workflows.target import init_target_wf
+from atlasgs_bids.workflows.target import init_target_wf, writes_sd_map
 
 
 def mask_method(subject_inputs: SubjectInputs, config: Config) -> str:
@@ -163,6 +163,14 @@ def _connect_report(wf: pe.Workflow, si: SubjectInputs, config: Config, target_w
         for i, twf in enumerate(target_wfs, start=1):
             wf.connect(twf, f"outputnode.{out_field}", merge, f"in{i}")
         wf.connect(merge, "out", report, in_field)
+    # SD maps come from some targets only (not from series, not with --no-uncertainty): named, not positional
+    with_sd = [(t, twf) for t, twf in zip(si.targets, target_wfs) if writes_sd_map(t, config)]
+    if with_sd:
+        report.inputs.sd_targets = [str(t.path) for t, _ in with_sd]
+        merge = pe.Node(niu.Merge(len(with_sd)), name="merge_report_sd_maps")
+        for i, (_, twf) in enumerate(with_sd, start=1):
+            wf.connect(twf, "outputnode.sd_map", merge, f"in{i}")
+        wf.connect(merge, "out", report, "sd_maps")
 
 
 def methods_text(wf: pe.Workflow) -> str:
