@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from conftest import BASE_FLAGS, copy_bids, run_cli
@@ -44,7 +45,7 @@ def test_nifti_headers_match_the_t1w_grid(run):
     codes = (int(t1w["qform_code"]), int(t1w["sform_code"]))
     assert t1w.get_xyzt_units()[0] == "mm" and codes[1] > 0
     images = sorted(anat.glob("*.nii.gz"))
-    assert len(images) == 3  # preproc T1w, brain mask, harmonised T2w
+    assert len(images) == 4  # preproc T1w, brain mask, harmonised T2w and its SD map
     for path in images:
         hdr = nib.load(str(path)).header
         assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == codes, path.name
@@ -74,6 +75,28 @@ def test_output_passes_the_validator_without_unit_warnings(run):
     report = run_validator(run["out"])
     assert report.errors == {}, report.summary()
     assert "NIFTI_UNIT" not in report.warnings, report.warnings["NIFTI_UNIT"]
+
+
+def test_sd_map_beside_the_output(run):
+    """The default run writes the harmonised T2w's SD map (issue 15): the output's grid and units, a sidecar
+    saying what it is and how it was calibrated, a figure in the report and the brain-median in the main sidecar."""
+    anat = run["out"] / "sub-01" / "anat"
+    out = nib.load(str(anat / "sub-01_space-T1w_desc-atlasgs_T2w.nii.gz"))
+    sd = nib.load(str(anat / "sub-01_space-T1w_desc-atlasgsSD_T2w.nii.gz"))
+    assert sd.shape == out.shape and (sd.affine == out.affine).all()
+    data = sd.get_fdata()
+    inside = out.get_fdata() != 0
+    assert (data[~inside] == 0).all() and (data[inside] > 0).mean() > 0.99
+    side = json.loads((anat / "sub-01_space-T1w_desc-atlasgsSD_T2w.json").read_text())
+    assert side["Sources"][0] == "bids::sub-01/anat/sub-01_space-T1w_desc-atlasgs_T2w.nii.gz"
+    assert "posterior" in side["Method"] and "held-out" in side["Method"]
+    cal = side["Calibration"]
+    assert cal["scale"] > 0 and (cal["calibrated"] or cal["reason"])
+    main = json.loads((anat / "sub-01_space-T1w_desc-atlasgs_T2w.json").read_text())
+    assert main["Metrics"]["sd_median"] == pytest.approx(side["Metrics"]["sd_median"])
+    assert main["Metrics"]["sd_median"] == pytest.approx(float(np.median(data[inside])), rel=0.05)
+    assert (run["out"] / "sub-01/figures/sub-01_T2w_uncertainty.png").is_file()
+    assert "sub-01_T2w_uncertainty.png" in (run["out"] / "sub-01.html").read_text()
 
 
 def test_bids_database_is_reused(run, tmp_path):

@@ -34,10 +34,13 @@ def test_parse_defaults_and_prefix_stripping(tmp_path):
     cfg = build_config(opts)
     assert cfg.execution.participant_label == ("01", "02")
     assert (cfg.fit.quality, cfg.fit.seed, cfg.resources.device, cfg.resources.nprocs) == ("default", 0, "auto", 1)
+    assert cfg.fit.uncertainty  # the SD map is on by default
     opts = parse_args(_args(bids, tmp_path / "o", "--nprocs", "3", "--omp_nthreads", "2", "--mem-gb", "8",
                                 "--device", "cpu", "--quality", "fast", "--seed", "7", "--skull-stripped",
-                                "--skip_bids_validation", "--reports-only", "-w", str(tmp_path / "w")))
+                                "--skip_bids_validation", "--reports-only", "-w", str(tmp_path / "w"),
+                                "--no-uncertainty"))
     cfg = build_config(opts)
+    assert not cfg.fit.uncertainty and "uncertainty = false" in cfg.to_toml()
     assert (cfg.resources.nprocs, cfg.resources.omp_nthreads, cfg.resources.mem_gb) == (3, 2, 8.0)
     assert cfg.execution.skull_stripped and cfg.execution.skip_bids_validation and cfg.execution.reports_only
     assert cfg.execution.work_dir == tmp_path / "w"

@@ -68,12 +68,13 @@ def synthetic_subject(tmp_path):
              "mask": out / bd.brain_mask_output(raw / "sub-01/anat/sub-01_T1w.nii.gz"),
              "harmonized": out / bd.target_output(target_file), "xfm": out / bd.xfm_output(target_file),
              "sidecar": out / bd.target_output(target_file, extension=".json"), "residual": tmp_path / "res.nii.gz",
-             "qc": tmp_path / "qc.json", "target": target_file}
+             "qc": tmp_path / "qc.json", "target": target_file, "sd": out / bd.sd_output(target_file)}
     paths["t1w"].parent.mkdir(parents=True)
     nib.save(t1w, paths["t1w"])
     nib.save(nib.Nifti1Image((t1w_data > 0).astype(np.uint8), np.eye(4)), paths["mask"])
     nib.save(nib.Nifti1Image(np.where(t1w_data > 0, 2.5 - t1w_data, 0).astype(np.float32), np.eye(4)),
              paths["harmonized"])
+    nib.save(nib.Nifti1Image(np.where(t1w_data > 0, 0.1, 0).astype(np.float32), np.eye(4)), paths["sd"])
     write_itk_affine(paths["xfm"], np.eye(4))
     rng = np.random.default_rng(0)
     nib.save(nib.Nifti1Image((rng.normal(0, 0.05, thick.shape) * (thick > 0)).astype(np.float32), aff),
@@ -108,6 +109,8 @@ def test_figures_from_arrays():
     assert png.startswith(PNG_MAGIC)
     mos = fg.compare_mosaic_png({"cubic": t1w * 0.9, "atlasgs": t1w}, 1, (1.0, 1.0, 1.0), mask, n=5)
     assert mos.startswith(PNG_MAGIC)
+    sd = fg.sd_mosaic_png(t1w, np.where(mask, 5.0, 0.0).astype(np.float32), 1, (1.0, 1.0, 1.0), mask)
+    assert sd.startswith(PNG_MAGIC)
     res = fg.residual_mosaic_png(np.where(mask, 0.1, 0.0).astype(np.float32), 2, (1.0, 1.0, 3.0))
     assert res.startswith(PNG_MAGIC)
     svg = fg.convergence_svg([1.0, 0.3, 0.1])
@@ -139,7 +142,8 @@ def test_subject_report_from_hand_made_qc(synthetic_subject):
     out, p = synthetic_subject
     qc = json.loads(p["qc"].read_text())
     drawn = rs.report_target(out, target_file=p["target"], modality="T2w", t1w_file=p["t1w"], mask_file=p["mask"],
-                             harmonized_file=p["harmonized"], xfm_file=p["xfm"], qc=qc, residual_file=p["residual"])
+                             harmonized_file=p["harmonized"], xfm_file=p["xfm"], qc=qc, residual_file=p["residual"],
+                             sd_file=p["sd"])
     assert set(drawn) == set(rs.FIGURE_KINDS)
     assert (out / "sub-01/qc/sub-01_T2w_qc.json").is_file()
     assert (out / "sub-01/qc/sub-01_T2w_residual.nii.gz").is_file()

@@ -105,6 +105,30 @@ def test_target_sinks_exact_names(bids_root, tmp_path):
     assert t2w.get_node("inputnode").inputs.target_meta == {"SliceThickness": 4.0, "EchoTime": 0.1}
 
 
+@pytest.mark.parametrize("uncertainty", [True, False])
+def test_sd_map_sinks_follow_no_uncertainty(bids_root, tmp_path, uncertainty):
+    """The SD map (desc-atlasgsSD + sidecar) is staged for 3D targets unless --no-uncertainty, never for series;
+    the report receives exactly the targets that have one."""
+    (si,) = collect_inputs(bids_root)
+    wf = init_participant_wf(subject_inputs=si, config=_config(bids_root, uncertainty=uncertainty), stage_dir=tmp_path)
+    t2w = wf.get_node("T2w_wf")
+    rel = t2w.get_node("ds_target").inputs.rel_paths
+    sd = ["sub-01/anat/sub-01_space-T1w_desc-atlasgsSD_T2w.nii.gz", "sub-01/anat/sub-01_space-T1w_desc-atlasgsSD_T2w.json"]
+    assert (rel[3:] == sd) if uncertainty else not any("atlasgsSD" in p for p in rel)
+    assert t2w.get_node("harmonize").inputs.uncertainty == uncertainty
+    assert ("sd_sidecar" in t2w.list_node_names()) == uncertainty
+    for series in ("dwi_wf", "asl_wf"):
+        assert not any("atlasgsSD" in p for p in wf.get_node(f"{series}.ds_target").inputs.rel_paths)
+        assert not wf.get_node(f"{series}.harmonize").inputs.uncertainty
+    with_sd = [str(t.path) for t in si.targets if t.modality not in ("dwi", "asl")] if uncertainty else []
+    assert wf.get_node("subject_report").inputs.sd_targets == with_sd
+    if uncertainty:
+        side = t2w.get_node("sd_sidecar").inputs
+        assert side.sources[0] == "bids::sub-01/anat/sub-01_space-T1w_desc-atlasgs_T2w.nii.gz"
+        assert "uncertainty map" in methods_text(wf)
+    wf._create_flat_graph()  # noqa: SLF001 - every connection resolves
+
+
 def test_no_stage_dir_no_sinks(bids_root):
     (si,) = collect_inputs(bids_root, modalities=["T2w"])
     names = init_participant_wf(subject_inputs=si, config=_config(bids_root)).list_node_names()
