@@ -187,3 +187,21 @@ def score(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict[str, floa
         "mae": float(metrics.mae(pred, ref, mask)),
     }
 
+
+def sd_scores(pred: np.ndarray, sd: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """How well an SD map ``sd`` describes the error of ``pred`` against the truth ``ref`` (same grid and units).
+
+    Over the brain voxels where the map is defined (``mask & sd > 0``): ``sd_coverage``, the share with
+    ``|pred - ref| <= 1.96 sd`` (0.95 when calibrated); ``sd_spearman``, Spearman's rank correlation of ``sd`` with
+    ``|pred - ref|``; ``sd_median`` (the map's median) and ``error_median`` (median ``|pred - ref|``).
+    """
+    from scipy.stats import spearmanr
+
+    inside = np.asarray(mask, dtype=bool) & (sd > 0)
+    err = np.abs(np.asarray(pred, dtype=np.float64) - ref)[inside]
+    s = np.asarray(sd, dtype=np.float64)[inside]
+    if len(s) < 3:
+        return {"sd_coverage": None, "sd_spearman": None, "sd_median": None, "error_median": None}
+    return {"sd_coverage": round(float(np.mean(err <= 1.959964 * s)), 4),
+            "sd_spearman": round(float(spearmanr(s, err).statistic), 4),
+            "sd_median": round(float(np.median(s)), 3), "error_median": round(float(np.median(err)), 3)}

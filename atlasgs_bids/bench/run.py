@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--noise", nargs="+", type=float, default=[], metavar="SNR",
                         help="also run every case with seeded Rician noise on the thick slices at these SNRs "
                              "(white matter of the thick slices / noise SD), e.g. --noise 15 30")
+    parser.add_argument("--no-uncertainty", dest="uncertainty", action="store_false",
+                        help="atlasgs methods: skip the SD map (by default its coverage of the truth, its Spearman "
+                             "correlation with |error| and its cost are reported per case)")
     parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="voxel-basis lambda")
     parser.add_argument("--h", type=float, default=DEFAULT_H, help="voxel-basis edge bandwidth on normalised T1w")
     return parser
@@ -190,12 +193,14 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
 
 
 def harmonize_case(core, scaffold, case: cases.Case, subject: cases.Subject, quality: str, device: str, *,
-                   thick: np.ndarray | None = None):
+                   thick: np.ndarray | None = None, uncertainty: bool = True):
     """The app's own entry point on a case, with the case's simulated slice profile as the acquisition model;
-    ``thick`` replaces the case's target (e.g. a 4D series built from it). Returns the ``Harmonized``."""
+    ``thick`` replaces the case's target (e.g. a 4D series built from it); ``uncertainty``: also the SD map.
+    Returns the ``Harmonized``."""
     return core.harmonize(scaffold, nib.Nifti1Image(case.thick if thick is None else thick, case.thick_affine),
                           np.eye(4), nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                          core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+                          core.HarmonizeOptions(quality=quality, device=device, uncertainty=uncertainty),
+                          acquisition=case.acquisition)
 
 
 def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h: float, device: str):
@@ -205,26 +210,32 @@ def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h:
     return vb.solve_voxel_basis(case.thick, op, subject.t1w, subject.mask, lam=lam, h=h, x0=x0, device=device)
 
 
-def _core_reconstruct(core, scaffold, case, subject, quality, device):
-    result = harmonize_case(core, scaffold, case, subject, quality, device)
+def _core_reconstruct(core, scaffold, case, subject, quality, device, uncertainty=True):
+    result = harmonize_case(core, scaffold, case, subject, quality, device, uncertainty=uncertainty)
     pred = np.asarray(result.image.dataobj)
     diag = result.diagnostics
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
     options = diag.get("options") or {}
     params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)
     params["n_gaussians"] = int(scaffold.n_gaussians)
+    if result.sd is not None:
+        params.update(cases.sd_scores(pred, np.asarray(result.sd.dataobj), subject.t2w, subject.mask))
+        unc = diag["uncertainty"]
+        params.update(sd_seconds=round(unc["seconds"], 2), sd_relative_cost=round(unc["relative_cost"], 3),
+                      sd_scale=unc["calibration"]["scale"], sd_heldout_coverage=unc["calibration"]["coverage"])
     return np.asarray(pred, dtype=np.float32), params
 
 
 # ----------------------------------------------------------------------------------------------- one case
 def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str, device: str, lam: float,
-             h: float, core=None, scaffold=None, seed: int = 0,
-             scaffold_options=None) -> tuple[list[dict], dict[str, np.ndarray]]:
+             h: float, core=None, scaffold=None, seed: int = 0, scaffold_options=None,
+             uncertainty: bool = True) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Reconstruct one case with each method; returns the result rows and the predictions (for figures).
 
     ``core`` is :func:`load_core`'s namespace (core methods are skipped when None), ``scaffold`` the T1w scaffold
     for "atlasgs"; ``scaffold_options`` (:class:`AdaptiveScaffoldOptions`) makes the "atlasgs-noguide" scaffold the
-    adaptive one with these settings (default: the lattice).
+    adaptive one with these settings (default: the lattice); ``uncertainty``: the atlasgs methods also make the SD
+    map and report its figures against the truth (``sd_coverage``, ``sd_spearman``, ``sd_seconds``, ...).
     """
     rows, preds = [], {}
     shape, aff = subject.shape, subject.affine
@@ -267,14 +278,14 @@ def run_case(case: cases.Case, subject: cases.Subject, methods, *, quality: str,
                               relative_residual=float(f"{res.relative_residual:.3g}"),
                               solve_seconds=round(res.seconds, 2))
             elif method == "atlasgs":
-                pred, params = _core_reconstruct(core, scaffold, case, subject, quality, device)
+                pred, params = _core_reconstruct(core, scaffold, case, subject, quality, device, uncertainty)
             elif method == "atlasgs-noguide":
                 cubic = baselines.interpolate_cubic(case.thick, case.thick_affine, aff, shape)
                 t1 = time.perf_counter()
                 own = _fit_scaffold(cubic, subject, quality=quality, seed=seed, device=device,
                                     options=scaffold_options)
                 params_scaffold = round(time.perf_counter() - t1, 2)
-                pred, params = _core_reconstruct(core, own, case, subject, quality, device)
+                pred, params = _core_reconstruct(core, own, case, subject, quality, device, uncertainty)
                 params["scaffold_seconds"] = params_scaffold
             else:  # pragma: no cover - argparse restricts the choices
                 raise InputError(f"unknown method {method!r}")
@@ -498,7 +509,8 @@ def run(args: argparse.Namespace) -> int:
         clean = cases.make_case(subject, factor, degradation)
         for case in [clean] + [cases.add_rician_noise(clean, snr, seed=args.seed) for snr in args.noise]:
             rows, preds = run_case(case, subject, methods, quality=args.quality, device=device, lam=args.lam,
-                                   h=args.h, core=core, scaffold=scaffold, seed=args.seed)
+                                   h=args.h, core=core, scaffold=scaffold, seed=args.seed,
+                                   uncertainty=getattr(args, "uncertainty", True))
             report["cases"].extend(rows)
             if preds:
                 write_figure(out / f"bench_x{factor}_{case.label}.png", subject, preds, f"x{factor} {case.label}")

@@ -170,7 +170,7 @@ def sd_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: s
     ``uncertainty`` is the ``uncertainty`` record of :func:`atlasgs_bids.harmonize.sd_map` (method, calibration,
     ``sd_median``, seconds). Keys: ``Description``, ``Units`` (the source's, when its sidecar states them),
     ``Sources`` (BIDS URIs: the harmonised output first), ``SpatialReference``, ``Method``, ``Calibration`` (scale
-    and held-out figures), ``Metrics`` (``sd_median``, target units), ``Runtime``, ``Version``.
+    and held-out figures), ``Metrics`` (``sd_median``, target units), ``Runtime``, ``Version``, ``SkullStripped``.
     """
     cal = dict(uncertainty.get("calibration") or {})
     out = {
@@ -187,6 +187,7 @@ def sd_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: s
         "Runtime": {"seconds": uncertainty.get("seconds"), "fit_seconds": uncertainty.get("fit_seconds"),
                     "relative_cost": uncertainty.get("relative_cost")},
         "Version": version,
+        "SkullStripped": True,  # rendered inside the T1w brain mask, like the output (a key BIDS requires here)
     }
     return out
 
