@@ -17,6 +17,7 @@ import numpy as np
 from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, fit_appearance
 from atlasgs_bids.gaussians.render import render
 from atlasgs_bids.gaussians.scaffold import Scaffold
+from atlasgs_bids.gaussians.uncertainty import N_SAMPLES, SMOOTH_MM
 from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.grid import Grid
 from atlasgs_bids.imaging.nifti import on_grid_of
@@ -143,11 +144,12 @@ def sd_map(appearance: Appearance, data: np.ndarray, acquisition: Acquisition, t
 
 
 #: How the SD map is made, for its sidecar.
-SD_METHOD = ("posterior SD of the stage-2 linear model (its penalty read as a Gaussian prior): the target's noise SD "
-             "x the root mean square of 16 posterior draws (perturb-and-solve, one multi-column conjugate-gradient "
-             "solve with the fit's preconditioner) read out through each output voxel's PSF; the amplitude bounds "
-             "ignored; scaled by one factor k fitted so that 95 % of the residuals on the target's own held-out "
-             "slices lie within 1.96 SD (noise included there, not in the map) (ADR 0008)")
+SD_METHOD = (f"posterior SD of the stage-2 linear model (its penalty read as a Gaussian prior): the target's noise "
+             f"SD x the root mean square of {N_SAMPLES} posterior draws (perturb-and-solve, one multi-column "
+             "conjugate-gradient solve with the fit's preconditioner) read out through each output voxel's PSF and "
+             f"smoothed {SMOOTH_MM:g} mm; the amplitude bounds ignored; scaled by one factor k fitted so that 95 % of the "
+             "residuals on the target's own held-out slices lie within 1.96 SD (noise included there, not in the "
+             "map) (ADR 0008)")
 
 
 def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:

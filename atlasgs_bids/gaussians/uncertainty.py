@@ -37,13 +37,15 @@ from atlasgs_bids.imaging.acquisition import Acquisition
 #: reduced by :data:`SMOOTH_MM`. Each column costs about one single-column solve's iteration (scipy's sparse
 #: products and the coarse LU go column by column; measured on 2 CPU cores).
 N_SAMPLES = 8
-#: CG stopping rule of the draws (relative residual): the coarse correction resolves the smooth directions within
-#: a few iterations, and an SD needs one digit (measured, MNI152 x5 crop: 10 iterations).
-SAMPLE_TOL = 3e-2
+#: CG stopping rule of the draws (relative residual). The coarse correction resolves the smooth directions within
+#: a few iterations, but the draws must converge for the map to follow the error (measured, MNI152 x5, 80 x 80
+#: crop, SNR 15, 8 draws: tol 3e-2, 10 iterations, Spearman(SD, |error|) 0.25; tol 1e-2, 19 iterations, 0.29; 16
+#: draws at 3e-2 only 0.25, at twice the cost).
+SAMPLE_TOL = 1e-2
 SAMPLE_MAX_ITER = 60
 #: Gaussian smoothing (sigma, mm) of the rendered variance inside the mask: averages the draws' noise over nearby
-#: voxels, whose true variances are alike (measured, MNI152 x5 crop, SNR 15: Spearman(SD, |error|) 0.20 raw,
-#: 0.30 at 1 mm, 0.33 at 1.5 mm).
+#: voxels, whose true variances are alike (measured, MNI152 x5 80 x 80 crop, SNR 15, 8 draws at tol 3e-2:
+#: Spearman(SD, |error|) 0.11 raw, 0.21 at 1 mm, 0.25 at 1.5 mm, 0.27 at 2.5-3 mm, saturating).
 SMOOTH_MM = 1.5
 #: Output voxels per chunk when reading the draws out (bounds the operator's memory: ~100 entries a voxel).
 CHUNK_VOXELS = 100_000

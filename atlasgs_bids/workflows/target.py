@@ -115,7 +115,7 @@ def init_target_wf(*, target: TargetInput, config: Config, t1w_file: str | Path 
         "slab, refitting on the rest and predicting the held-out slices through the forward model, scored against "
         "the measured slices beside cubic interpolation along the slice axis."
         + (" A per-voxel uncertainty map was computed as the posterior standard deviation of the linear stage-2 "
-           "model (16 perturb-and-solve posterior draws read out through each T1w voxel), scaled by one factor "
+           "model (perturb-and-solve posterior draws read out through each T1w voxel), scaled by one factor "
            "chosen so that 95 % of the residuals on the target's own held-out slices lay within 1.96 standard "
            "deviations." if uncertainty else "")
     )
