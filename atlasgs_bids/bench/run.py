@@ -222,6 +222,7 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device, uncertaint
         params.update(cases.sd_scores(pred, np.asarray(result.sd.dataobj), subject.t2w, subject.mask))
         unc = diag["uncertainty"]
         params.update(sd_seconds=round(unc["seconds"], 2), sd_relative_cost=round(unc["relative_cost"], 3),
+                      sd_draw_iterations=diag.get("posterior_iterations"),
                       sd_scale=unc["calibration"]["scale"], sd_heldout_coverage=unc["calibration"]["coverage"])
     return np.asarray(pred, dtype=np.float32), params
 

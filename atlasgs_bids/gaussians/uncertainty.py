@@ -35,18 +35,18 @@ from atlasgs_bids.imaging.acquisition import Acquisition
 
 #: Posterior draws (columns of one CG solve): the per-voxel variance then has a relative error of sqrt(2 / K),
 #: reduced by :data:`SMOOTH_MM`. Each column costs about one single-column solve's iteration (scipy's sparse
-#: products and the coarse LU go column by column; measured on 2 CPU cores).
-N_SAMPLES = 8
-#: CG stopping rule of the draws (relative residual). The coarse correction resolves the smooth directions within
-#: a few iterations, but the draws must converge for the map to follow the error (measured, MNI152 x5, 80 x 80
-#: crop, SNR 15, 8 draws: tol 3e-2, 10 iterations, Spearman(SD, |error|) 0.25; tol 1e-2, 19 iterations, 0.29; 16
-#: draws at 3e-2 only 0.25, at twice the cost).
-SAMPLE_TOL = 1e-2
+#: products and the coarse LU go column by column; measured on 2 CPU cores). Converged draws matter more than many
+#: (measured, MNI152 x5 80 x 80 crop, SNR 15, Spearman(SD, |error|) / cost vs the fit, 1.5 mm smoothing: 8 draws at
+#: tol 3e-2 0.25 / 34 %, 16 at 3e-2 0.25 / 55 %, 8 at 1e-2 0.29 / 46 %, 4 at 3e-3 0.30 / 40 %, 4 at 1e-3 0.30 /
+#: 58 %).
+N_SAMPLES = 4
+#: CG stopping rule of the draws (relative residual; about 35 iterations with the two-level preconditioner).
+SAMPLE_TOL = 3e-3
 SAMPLE_MAX_ITER = 60
 #: Gaussian smoothing (sigma, mm) of the rendered variance inside the mask: averages the draws' noise over nearby
-#: voxels, whose true variances are alike (measured, MNI152 x5 80 x 80 crop, SNR 15, 8 draws at tol 3e-2:
-#: Spearman(SD, |error|) 0.11 raw, 0.21 at 1 mm, 0.25 at 1.5 mm, 0.27 at 2.5-3 mm, saturating).
-SMOOTH_MM = 1.5
+#: voxels, whose true variances are alike (measured as above, 4 draws at 1e-3: Spearman 0.30 at 1.5 mm, 0.32 at
+#: 2 mm, 0.32 at 2.5-3 mm, saturating; 8 draws at 3e-2: 0.11 unsmoothed, 0.21 at 1 mm).
+SMOOTH_MM = 2.0
 #: Output voxels per chunk when reading the draws out (bounds the operator's memory: ~100 entries a voxel).
 CHUNK_VOXELS = 100_000
 
