@@ -147,9 +147,9 @@ def sd_map(appearance: Appearance, data: np.ndarray, acquisition: Acquisition, t
 SD_METHOD = (f"posterior SD of the stage-2 linear model (its penalty read as a Gaussian prior): the target's noise "
              f"SD x the root mean square of {N_SAMPLES} posterior draws (perturb-and-solve, one multi-column "
              "conjugate-gradient solve with the fit's preconditioner) read out through each output voxel's PSF and "
-             f"smoothed {SMOOTH_MM:g} mm; the amplitude bounds ignored; scaled by one factor k fitted so that 95 % of the "
-             "residuals on the target's own held-out slices lie within 1.96 SD (noise included there, not in the "
-             "map) (ADR 0008)")
+             f"smoothed {SMOOTH_MM:g} mm; the amplitude bounds ignored; scaled by one factor k fitted so that 95 % "
+             "of the residuals on the target's own held-out slices lie within 1.96 SD (noise included there, not in "
+             "the map) (ADR 0008)")
 
 
 def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:

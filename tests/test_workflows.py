@@ -113,7 +113,7 @@ def test_sd_map_sinks_follow_no_uncertainty(bids_root, tmp_path, uncertainty):
     wf = init_participant_wf(subject_inputs=si, config=_config(bids_root, uncertainty=uncertainty), stage_dir=tmp_path)
     t2w = wf.get_node("T2w_wf")
     rel = t2w.get_node("ds_target").inputs.rel_paths
-    sd = ["sub-01/anat/sub-01_space-T1w_desc-atlasgsSD_T2w.nii.gz", "sub-01/anat/sub-01_space-T1w_desc-atlasgsSD_T2w.json"]
+    sd = [f"sub-01/anat/sub-01_space-T1w_desc-atlasgsSD_T2w{ext}" for ext in (".nii.gz", ".json")]
     assert (rel[3:] == sd) if uncertainty else not any("atlasgsSD" in p for p in rel)
     assert t2w.get_node("harmonize").inputs.uncertainty == uncertainty
     assert ("sd_sidecar" in t2w.list_node_names()) == uncertainty
