@@ -77,7 +77,7 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     appearance = fit_appearance(scaffold, data, acq, target2t1w, opts.appearance_options(), device=opts.device)
     out_grid = Grid.of(reference)
     mask = np.asarray(brain_mask, dtype=bool)
-    in_fov = mask & out_grid.covered_by(acq.grid.moved(target2t1w))
+    in_fov = mask & appearance.field_of_view(out_grid)
     t0 = time.perf_counter()
     out = render(appearance, out_grid.affine, out_grid.shape, device=opts.device, mask=mask)
     render_s = time.perf_counter() - t0
