@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
-from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, fit_appearance
+from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, Stack, fit_stacks
 from atlasgs_bids.gaussians.render import render
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.imaging.acquisition import Acquisition
@@ -42,6 +43,7 @@ class HarmonizeOptions:
 class Harmonized:
     """image : the target on the reference grid (float32, the reference's header codes; 3D or 4D)
     residual : measured minus the forward prediction, first volume, on the target's grid (0 outside the fit)
+    residuals : with several stacks, every stack's residual (``residual`` is the first's)
     appearance : the fitted :class:`~atlasgs_bids.gaussians.appearance.Appearance`
     diagnostics : JSON-ready figures (appearance diagnostics, acquisition, relative residual, timings)
     """
@@ -50,6 +52,7 @@ class Harmonized:
     residual: nib.Nifti1Image
     appearance: Appearance
     diagnostics: dict = field(default_factory=dict)
+    residuals: list[nib.Nifti1Image] = field(default_factory=list)
 
 
 def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target2t1w: np.ndarray,
@@ -70,11 +73,39 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     acquisition : the target's acquisition model, when known better than its header (the benchmark's simulated
         slice profiles); by default built from the header and ``options.slice_thickness``
     """
+    return harmonize_stacks(scaffold, [target], [target2t1w], reference, brain_mask, options,
+                            acquisitions=None if acquisition is None else [acquisition])
+
+
+def harmonize_stacks(scaffold: Scaffold, targets: Sequence[nib.spatialimages.SpatialImage],
+                     target2t1w: Sequence[np.ndarray], reference: nib.spatialimages.SpatialImage,
+                     brain_mask: np.ndarray, options: HarmonizeOptions | None = None, *,
+                     acquisitions: Sequence[Acquisition | None] | None = None,
+                     slice_thickness: Sequence[float | None] | None = None) -> Harmonized:
+    """Stage 2 on one or several stacks of one contrast, fused in one solve
+    (:func:`~atlasgs_bids.gaussians.appearance.fit_stacks`), rendered on the reference grid.
+
+    ``targets[0]`` is the reference stack: the output is in its units, and it alone chooses the hyperparameters.
+    ``target2t1w[s]`` maps stack s's world to the T1w world (mm RAS); ``acquisitions[s]`` replaces the header model
+    of stack s when given; ``slice_thickness[s]`` is its SliceThickness in mm (default ``options.slice_thickness``
+    for every stack). The image covers the union of the stacks' fields of view; ``residual`` is the reference
+    stack's, ``residuals`` every stack's (each on its own grid and in its own units).
+    """
     opts = options or HarmonizeOptions()
-    target2t1w = np.asarray(target2t1w, dtype=np.float64)
-    data = np.asarray(target.get_fdata(dtype=np.float32))
-    acq = acquisition or Acquisition.from_geometry(target.affine, data.shape[:3], slice_thickness=opts.slice_thickness)
-    appearance = fit_appearance(scaffold, data, acq, target2t1w, opts.appearance_options(), device=opts.device)
+    n = len(targets)
+    if n == 0 or len(target2t1w) != n:
+        raise ValueError(f"harmonize_stacks needs one transform per stack, got {n} stacks and "
+                         f"{len(target2t1w)} transforms")
+    acquisitions = list(acquisitions) if acquisitions is not None else [None] * n
+    thickness = list(slice_thickness) if slice_thickness is not None else [opts.slice_thickness] * n
+    datas, acqs, stacks = [], [], []
+    for img, xfm, acq, thick in zip(targets, target2t1w, acquisitions, thickness):
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        acq = acq or Acquisition.from_geometry(img.affine, data.shape[:3], slice_thickness=thick)
+        datas.append(data)
+        acqs.append(acq)
+        stacks.append(Stack(data, acq, np.asarray(xfm, dtype=np.float64)))
+    appearance = fit_stacks(scaffold, stacks, opts.appearance_options(), device=opts.device)
     out_grid = Grid.of(reference)
     mask = np.asarray(brain_mask, dtype=bool)
     in_fov = mask & appearance.field_of_view(out_grid)
@@ -87,21 +118,33 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     if history:
         diag["final_relative_residual"] = history[-1]
     diag["history"] = history
-    residual, rel = residual_map(appearance, data)
-    diag["relative_residual"] = rel
+    residuals = []
+    for i, (img, data) in enumerate(zip(targets, datas)):
+        residual, rel = residual_map(appearance.for_stack(i), data)
+        res_img = nib.Nifti1Image(residual, img.affine)
+        res_img.header.set_xyzt_units("mm", "sec")
+        residuals.append(res_img)
+        if i == 0:
+            diag["relative_residual"] = rel
     diag["brain_fraction_in_target_fov"] = float(in_fov.sum() / max(int(mask.sum()), 1))
-    zooms = acq.zooms
-    axis = int(acq.slice_axis)
-    diag["acquisition"] = {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
-                           "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
-                           "slice_thickness_source": "SliceThickness" if opts.slice_thickness is not None
-                           else "slice spacing (no SliceThickness in the sidecar)",
-                           "profile": acq.profile}
+    records = [_acquisition_record(acq, thick) for acq, thick in zip(acqs, thickness)]
+    diag["acquisition"] = records[0]
+    if n > 1:
+        for rec, acq_rec in zip(diag["stacks"], records):
+            rec["acquisition"] = acq_rec
     diag["render_seconds"] = render_s
-    res_img = nib.Nifti1Image(residual, target.affine)
-    res_img.header.set_xyzt_units("mm", "sec")
-    return Harmonized(image=on_grid_of(np.asarray(out, dtype=np.float32), reference), residual=res_img,
-                      appearance=appearance, diagnostics=diag)
+    return Harmonized(image=on_grid_of(np.asarray(out, dtype=np.float32), reference), residual=residuals[0],
+                      appearance=appearance, diagnostics=diag, residuals=residuals)
+
+
+def _acquisition_record(acq: Acquisition, slice_thickness: float | None) -> dict:
+    axis = int(acq.slice_axis)
+    zooms = acq.zooms
+    return {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
+            "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
+            "slice_thickness_source": "SliceThickness" if slice_thickness is not None
+            else "slice spacing (no SliceThickness in the sidecar)",
+            "profile": acq.profile}
 
 
 def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:

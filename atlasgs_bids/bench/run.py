@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="measure instead what one target costs (the first --factors and --degradations) beside "
                              "its voxel-basis twin, and a 4D series of --volumes volumes (speed.json/.md)")
     parser.add_argument("--volumes", type=int, default=30, help="volumes of the 4D series (with --speed; 1: skip it)")
+    parser.add_argument("--fusion", action="store_true",
+                        help="run the multi-stack fusion case instead: axial, coronal and sagittal stacks at the first "
+                             "--factors, each from a moved head with its own intensity scale and Rician noise at the "
+                             "first --noise SNR (default 30), registered, fitted alone and fused (fusion.json/.md)")
+    parser.add_argument("--stacks", type=int, default=3, help="stacks of the fusion case (2 or 3; with --fusion)")
     parser.add_argument("--no-psnr", dest="psnr", action="store_false",
                         help="registration suite: skip the stage-2 PSNR of the marked cases")
     parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
@@ -474,6 +479,15 @@ def run(args: argparse.Namespace) -> int:
         report = run_speed(Path(args.data), out, factor=args.factors[0], degradation=args.degradations[0],
                            quality=args.quality, device=device, volumes=args.volumes, crop=args.crop)
         LOG.info("wrote %s: %s", out / "speed.md", [(r["method"], r["seconds"]) for r in report["rows"]])
+        return 0
+    if getattr(args, "fusion", False):
+        from atlasgs_bids.bench.fusion import run_fusion
+
+        report = run_fusion(Path(args.data), out, factor=args.factors[0], snr=(args.noise or [30.0])[0],
+                            quality=args.quality, device=device, seed=args.seed, crop=args.crop,
+                            n_stacks=args.stacks, machine=machine_info(),
+                            command=getattr(args, "command_line", None) or _command_line())
+        LOG.info("wrote %s: %s", out / "fusion.md", report.get("goals"))
         return 0
     subject = cases.load_subject(args.data, crop=args.crop)
     methods = list(dict.fromkeys(args.methods))

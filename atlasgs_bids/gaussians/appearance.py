@@ -367,20 +367,6 @@ def _measure_stack(scaffold: Scaffold, stack: Stack, opts: AppearanceOptions, de
     return _Measured(vox2t1w, ijk, y_raw, fit_intensity_scale(y_raw), a_mat, sigma)
 
 
-def _splat(a_mat: SparseMatrix, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PSF-weighted average of the measurements around each Gaussian [N, V] and its weight [N, 1]."""
-    w = a_mat.rmatmul(torch.ones_like(y[:, :1]))
-    return a_mat.rmatmul(y) / w.clamp_min(1e-6), w
-
-
-def _gain_between(src: torch.Tensor, ref: torch.Tensor) -> float:
-    """Gain with ``ref ~ gain * src``: the ratio of the means of two sets of values of the same field at the same
-    Gaussians. Means, because the two stacks blur the field differently (axial vs coronal slices) and a blur keeps
-    the mean, where a regression or a quantile match reads the blur as a gain."""
-    num, den = float(ref.double().mean()), float(src.double().mean())
-    return num / den if den > 0 and num > 0 else 1.0
-
-
 def fit_stacks(
     scaffold: Scaffold,
     stacks: list[Stack],
@@ -397,8 +383,9 @@ def fit_stacks(
     with ``y_s`` stack s's voxels mapped into the reference stack's normalised units (stack 0 is the reference:
     the output is in its units), ``w_s`` = the reference's noise variance / stack s's (clipped to
     :data:`STACK_WEIGHT_RANGE`). A stack's intensity scale relative to the reference (another coil, scanner or
-    receiver gain) is the ratio of the means of the two stacks' splats (PSF-weighted mean of the measurements around
-    each Gaussian) over the Gaussians both stacks see well. Hyperparameters (``tune``) are chosen
+    receiver gain) is a free unknown of the same linear least-squares problem (``g_s y_s ~ A_s c``, eliminated by
+    variable projection in :func:`~atlasgs_bids.gaussians.linear.fit_coefficients`), so it is estimated from
+    everything the stacks share, not from a summary statistic that their different blurs would bias. Hyperparameters (``tune``) are chosen
     on the reference stack alone; ``lambda`` then weighs the prior against one stack's worth of data per row, so
     more stacks mean relatively less smoothing, as more data should.
 
@@ -443,19 +430,11 @@ def fit_stacks(
     lap = t1_laplacian(scaffold, h=h_used, k=opts.k_neighbours, device=device, w_floor=opts.w_floor,
                        neighbours=neighbours)
 
-    # Intensity maps: stack s -> the reference's normalised units, from the Gaussians both see well.
+    # Each stack in its own normalised units (/ its 99th percentile); the fit frees every other stack's gain
+    # relative to the reference (linear.fit_coefficients' free_gain) and folds it into that stack's map below.
     ref_m = measured[0]
-    ys = [torch.as_tensor(ref_m.intensity.apply(ref_m.y_raw), device=device)]
-    splat_ref, w_ref = _splat(ref_m.a_mat, ys[0])
-    maps = [ref_m.intensity]
-    for m in measured[1:]:
-        own = torch.as_tensor(m.intensity.apply(m.y_raw), device=device)
-        splat, w = _splat(m.a_mat, own)
-        both = (w_ref[:, 0] > 0.5 * w_ref.max()) & (w[:, 0] > 0.5 * w.max())
-        # too little overlap to compare: each stack keeps its own percentile scale
-        gain = _gain_between(splat[both, 0].cpu(), splat_ref[both, 0].cpu()) if int(both.sum()) >= 100 else 1.0
-        maps.append(IntensityScale(offset=0.0, scale=m.intensity.scale / gain))  # normalised = gain * raw / scale
-        ys.append(torch.as_tensor(maps[-1].apply(m.y_raw), device=device))
+    maps = [m.intensity for m in measured]
+    ys = [torch.as_tensor(mp.apply(m.y_raw), device=device) for m, mp in zip(measured, maps)]
     sigmas_n = [m.sigma / mp.scale for m, mp in zip(measured, maps)]
     weights = [1.0] + [float(np.clip(sigmas_n[0] ** 2 / sn**2, *STACK_WEIGHT_RANGE))
                        if np.isfinite(sn) and sn > 0 and np.isfinite(sigmas_n[0]) and sigmas_n[0] > 0 else 1.0
@@ -483,12 +462,17 @@ def fit_stacks(
         basis, lams = torch.stack([s, sc.amplitudes[:, 0]], dim=1), [opts.lam, opts.lam * opts.lam_ratio]
     # Start from the PSF-weighted average of the measurements around each Gaussian (a splat, not a resampling).
     v0 = torch.zeros(sc.n_gaussians, basis.shape[1], y.shape[1], device=device)
-    v0[:, 0] = _splat(a_mat, y)[0]
+    v0[:, 0] = a_mat.rmatmul(y) / a_mat.rmatmul(torch.ones_like(y[:, :1])).clamp_min(1e-6)
+    rows = np.cumsum([0] + [len(m.ijk) for m in measured])
     coeffs, info = fit_coefficients(
         a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0,
         bounds=(lower, upper), bound_iter=opts.bound_iter,
         coarse=(scaffold.t1w_grid.to_voxels(scaffold.means.numpy()), opts.coarse_block) if opts.coarse_block else None,
+        free_gain=[(int(rows[i]), int(rows[i + 1])) for i in range(1, len(measured))] or None,
     )
+    for i, gain in enumerate(info["gains"], start=1):  # g y_s ~ A c: the stack's map gains g (first volume's)
+        maps[i] = IntensityScale(offset=0.0, scale=maps[i].scale / float(gain[0]))
+        ys[i] = ys[i] * float(gain[0])
     fits = []
     for st, m, mp, w, yy in zip(stacks, measured, maps, weights, ys):
         pred = m.a_mat.matmul(coeffs)
