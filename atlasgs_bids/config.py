@@ -95,6 +95,9 @@ class FitConfig:
     """Quality preset (:data:`atlasgs_bids.presets.QUALITIES`): stage-2 solver budget and lambda tuning."""
     seed: int = 0
     """Seed of the registration sampling (the default lattice scaffold is not random)."""
+    fuse_stacks: bool = False
+    """Fit the stacks of one suffix that differ only by ``run`` or ``acq`` jointly, into one output
+    (:func:`atlasgs_bids.bids.layout.fusion_groups`); off: one output per stack."""
 
     def __post_init__(self) -> None:
         check_quality(self.quality)

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from atlasgs_bids.atomic import atomic_path, atomic_write_bytes  # noqa: F401 (re-exported)
 from atlasgs_bids.errors import InputError
@@ -124,9 +124,22 @@ def scaffold_output(t1w_file: str | os.PathLike, extension: str = ".npz") -> Pat
 
 
 def target_output(target_file: str | os.PathLike, *, suffix: str | None = None,
-                  extension: str | None = None) -> Path:
-    """``<source entities>_space-T1w_desc-atlasgs_<suffix><ext>``: the harmonised target (or its sidecars)."""
-    return derivative_path(target_file, space="T1w", desc="atlasgs", suffix=suffix, extension=extension)
+                  extension: str | None = None, **overrides: str | None) -> Path:
+    """``<source entities>_space-T1w_desc-atlasgs_<suffix><ext>``: the harmonised target (or its sidecars);
+    ``overrides`` as for :func:`derivative_path` (``None`` drops an entity)."""
+    return derivative_path(target_file, space="T1w", desc="atlasgs", suffix=suffix, extension=extension, **overrides)
+
+
+def fused_target_output(stack_files: Sequence[str | os.PathLike], **kwargs) -> Path:
+    """The derivative of stacks fused into one output (``--fuse-stacks``): :func:`target_output` of the first
+    (reference) stack without the entities in which the stacks' names differ; ``kwargs`` as for it.
+
+    >>> str(fused_target_output([f"/b/sub-1/anat/sub-1_acq-{a}_run-1_T2w.nii.gz" for a in ("ax", "cor")]))
+    'sub-1/anat/sub-1_run-1_space-T1w_desc-atlasgs_T2w.nii.gz'
+    """
+    names = [parse_name(f)[0] for f in stack_files]
+    differ = {k for ents in names for k in ents if any(other.get(k) != ents.get(k) for other in names)}
+    return target_output(stack_files[0], **kwargs, **{k: None for k in differ})
 
 
 def xfm_output(target_file: str | os.PathLike) -> Path:

@@ -122,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quality", choices=QUALITIES, default="default",
                    help="speed/accuracy preset of the stage-2 fit (the lattice scaffold has no settings)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the registration")
+    g.add_argument("--fuse-stacks", "--fuse_stacks", dest="fuse_stacks", action="store_true",
+                   help="fit the stacks of one suffix that differ only by run or acq (e.g. an axial and a coronal "
+                        "T2w) jointly, into one output named without those entities (default: one output per stack)")
     g.add_argument("--skull-stripped", "--skull_stripped", dest="skull_stripped", action="store_true",
                    help="the T1w is already brain-extracted: the mask is T1w > 0 (no deepbet)")
 
@@ -195,7 +198,7 @@ def build_config(opts: argparse.Namespace) -> Config:
         bids_database_dir=opts.bids_database_dir,
         skull_stripped=opts.skull_stripped, derivatives=opts.derivatives, nprocs=opts.nprocs,
         omp_nthreads=opts.omp_nthreads, mem_gb=opts.mem_gb, device=opts.device, quality=opts.quality,
-        seed=opts.seed)
+        seed=opts.seed, fuse_stacks=opts.fuse_stacks)
 
 
 
