@@ -195,15 +195,17 @@ def init_target_wf(*, target: TargetInput | Sequence[TargetInput], config: Confi
                                              "SliceThicknessPerStack": thicknesses} if fused else {})}),
         name="sidecar")
 
-    # every stack's accepted transform, in stack order, to the joint fit
-    xfms = pe.Node(niu.Merge(len(stacks)), name="merge_xfms")
-    for i, rq in enumerate(reg_qcs, start=1):
-        wf.connect(rq, "out_xfm", xfms, f"in{i}")
+    # the fit waits for the registration QC: a failed registration (of any stack) stops the target here
+    if fused:  # every stack's accepted transform, in stack order, to the joint fit
+        xfms = pe.Node(niu.Merge(len(stacks)), name="merge_xfms")
+        for i, rq in enumerate(reg_qcs, start=1):
+            wf.connect(rq, "out_xfm", xfms, f"in{i}")
+        wf.connect(xfms, "out", harmonize, "xfm_file")
+    else:
+        wf.connect(reg_qc, "out_xfm", harmonize, "xfm_file")
     wf.connect([
         (inputnode, harmonize, [("scaffold", "scaffold_file"), ("t1w_preproc", "t1w_file"),
                                 ("brain_mask", "mask_file")]),
-        # the fit waits for the registration QC: a failed registration stops the target here
-        (xfms, harmonize, [("out", "xfm_file")]),
         (inputnode, selfval, [("scaffold", "scaffold_file"), ("target_file", "target_file")]),
         (reg_qc, selfval, [("out_xfm", "xfm_file")]),
         (reg_qc, qc, [("out_report", "registration_report")]),
