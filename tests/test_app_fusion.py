@@ -96,3 +96,13 @@ def test_reports_only_redraws_the_fused_run(fused_run, two_stacks):
     after = (fused_run / "sub-01.html").read_text()
     assert "sub-01_acq-cor_T2w_edges.png" in after and "sub-01_T2w_edges.png" in after
     assert len(after) > 0.9 * len(before)
+
+
+@pytest.mark.slow
+def test_demo_summary_scores_the_fused_output(fused_run, two_stacks):
+    from atlasgs_bids.cli.demo import demo_summary
+    from atlasgs_bids.cli.parser import build_demo_parser
+
+    assert build_demo_parser().parse_args(["out", "--fuse-stacks"]).fuse_stacks
+    text = demo_summary(two_stacks, fused_run)
+    assert "atlasgs (axial + coronal fused)" in text and f"{FUSED}.nii.gz" in text

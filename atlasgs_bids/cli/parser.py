@@ -203,7 +203,7 @@ def build_config(opts: argparse.Namespace) -> Config:
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
-    """``atlasgs-bids demo OUT [--quality Q] [--nprocs N] [--device D] [-v]``."""
+    """``atlasgs-bids demo OUT [--quality Q] [--nprocs N] [--device D] [--fuse-stacks] [-v]``."""
     parser = argparse.ArgumentParser(prog="atlasgs-bids demo", description=(
         "Build a small sample BIDS dataset (template T1w + synthetic thick-slice T2w with a known rigid offset, "
         "ground truth kept), run participant and group level on it, and compare the result with cubic "
@@ -212,6 +212,9 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", choices=QUALITIES, default="fast")
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--fuse-stacks", dest="fuse_stacks", action="store_true",
+                        help="add a coronal T2w stack (own head motion, 1.25 x the gain) to the sample and fuse it "
+                             "with the axial one (--fuse-stacks)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
