@@ -130,6 +130,8 @@ def fit_coefficients(
     info["coarse"] = coarse_info
 
     def gains(c: torch.Tensor) -> list[list[float]]:
+        if not blocks:
+            return []
         ac = a_mat.matmul(c)
         return [(torch.linalg.vecdot(u, ac[start:stop], dim=0) / norm).tolist() for start, stop, u, norm in blocks]
 
