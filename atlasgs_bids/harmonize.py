@@ -67,8 +67,10 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     brain_mask : (I, J, K) bool on the reference grid; voxels outside it (or outside the target's field of view,
         where no measurement constrains the field) are 0
     options : :class:`HarmonizeOptions`
-    acquisition : the target's acquisition model, when known better than its header (the benchmark's simulated
-        slice profiles); by default built from the header and ``options.slice_thickness``
+    acquisition : the target's acquisition model, when known better than its header; by default built from the
+        header and ``options.slice_thickness`` (Gaussian profile). With a tuning preset the fit may replace its
+        slice profile by one chosen from the target's held-out slices; ``diagnostics["acquisition"]`` records the
+        profile used and the header's
     """
     opts = options or HarmonizeOptions()
     target2t1w = np.asarray(target2t1w, dtype=np.float64)
@@ -90,13 +92,13 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     residual, rel = residual_map(appearance, data)
     diag["relative_residual"] = rel
     diag["brain_fraction_in_target_fov"] = float(in_fov.sum() / max(int(mask.sum()), 1))
-    zooms = acq.zooms
-    axis = int(acq.slice_axis)
-    diag["acquisition"] = {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
-                           "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
+    used = appearance.acquisition or acq  # the profile the fit went through (maybe chosen from the data)
+    axis = int(used.slice_axis)
+    diag["acquisition"] = {"slice_axis": axis, "slice_spacing_mm": float(used.zooms[axis]),
+                           **used.profile_record(),
+                           "header_profile": acq.profile, "header_slice_thickness_mm": acq.thickness_mm,
                            "slice_thickness_source": "SliceThickness" if opts.slice_thickness is not None
-                           else "slice spacing (no SliceThickness in the sidecar)",
-                           "profile": acq.profile}
+                           else "slice spacing (no SliceThickness in the sidecar)"}
     diag["render_seconds"] = render_s
     res_img = nib.Nifti1Image(residual, target.affine)
     res_img.header.set_xyzt_units("mm", "sec")

@@ -191,11 +191,13 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
 
 def harmonize_case(core, scaffold, case: cases.Case, subject: cases.Subject, quality: str, device: str, *,
                    thick: np.ndarray | None = None):
-    """The app's own entry point on a case, with the case's simulated slice profile as the acquisition model;
-    ``thick`` replaces the case's target (e.g. a 4D series built from it). Returns the ``Harmonized``."""
+    """The app's own entry point on a case, as the app runs it: the acquisition model from the header (Gaussian,
+    FWHM = slice spacing), its slice profile chosen by the core from held-out slices when the preset tunes, never
+    the simulation's (``case.acquisition``); ``thick`` replaces the case's target (e.g. a 4D series built from
+    it). Returns the ``Harmonized``."""
     return core.harmonize(scaffold, nib.Nifti1Image(case.thick if thick is None else thick, case.thick_affine),
                           np.eye(4), nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                          core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+                          core.HarmonizeOptions(quality=quality, device=device))
 
 
 def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h: float, device: str):
@@ -212,6 +214,13 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device):
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
     options = diag.get("options") or {}
     params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)
+    acq = diag.get("acquisition") or {}
+    params["profile"] = acq.get("profile") if not acq.get("profile_from_data") else (
+        f"{acq.get('profile')} {acq.get('slice_thickness_mm'):.3g} mm"
+        + (f", edge {acq['edge_fwhm_mm']:.3g} mm" if acq.get("edge_fwhm_mm") else "") + " (from data)")
+    tuning = diag.get("tuning") or {}
+    if tuning.get("seconds") is not None:
+        params["tuning_seconds"] = round(float(tuning["seconds"]), 2)
     params["n_gaussians"] = int(scaffold.n_gaussians)
     return np.asarray(pred, dtype=np.float32), params
 

@@ -123,6 +123,8 @@ class Appearance:
         :func:`atlasgs_bids.qc.tuning.tune_appearance`, None when not tuned)
     target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
         view the data constrain (outside it the field is only the regulariser's extrapolation)
+    acquisition : the acquisition model the fit went through (the header's, or the slice profile chosen from the
+        target's held-out slices when tuned; ``meta["profile_from_data"]``); :func:`predict` uses its profile
     fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
     fitted_residual : [M, V] float32, measured minus the forward prediction ``A c`` at ``fitted_ijk``, in the
         target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
@@ -134,6 +136,7 @@ class Appearance:
     diagnostics: dict = field(default_factory=dict)
     target_vox2t1w: np.ndarray | None = None
     target_shape: tuple[int, int, int] | None = None
+    acquisition: Acquisition | None = None
     fitted_ijk: np.ndarray | None = None
     fitted_residual: np.ndarray | None = None
 
@@ -283,8 +286,8 @@ def fit_appearance(
     if opts.tune:
         from atlasgs_bids.qc.tuning import tune_appearance
 
-        if mask is None:
-            opts, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, device=device)
+        if mask is None:  # the slice profile may be chosen too: fit, residual and predict go through it
+            opts, acquisition, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, device=device)
         else:  # a fit on part of the target (e.g. held-out QC): the caller chooses its hyperparameters
             opts = replace(opts, tune=False)
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
@@ -368,6 +371,7 @@ def fit_appearance(
         diagnostics=diagnostics,
         target_vox2t1w=vox2t1w,
         target_shape=tuple(acquisition.shape),
+        acquisition=acquisition,
         fitted_ijk=ijk.astype(np.int32),
         fitted_residual=fitted_residual,
     )
@@ -433,14 +437,16 @@ def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndar
     return ijk[_mask_fraction(scaffold, vox2t1w, ijk, acquisition) >= opts.min_mask_fraction]
 
 
-def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *,
+def predict(appearance: Appearance, acquisition: Acquisition | None, ijk: np.ndarray, *,
             device: str | torch.device = "cpu") -> np.ndarray:
     """What the target's voxels ``ijk`` would measure under the fitted appearance (the forward model, ``A c``).
 
     Parameters
     ----------
     appearance : stage-2 result; its ``target_vox2t1w`` places the target's voxels in T1w world
-    acquisition : the target's acquisition model (slice profile and PSF) the appearance was fitted through
+    acquisition : the grid of ``ijk`` and its in-plane PSF; None: the fit's own (``appearance.acquisition``). The
+        through-plane profile is always the one the appearance was fitted through when it is recorded (it may
+        have been chosen from the data), carried in mm onto this grid
     ijk : [M, 3] int target voxel indices (they need not have been fitted: held-out voxels are predicted the same
         way)
     device : torch device of the computation
@@ -451,6 +457,11 @@ def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *
     """
     if appearance.target_vox2t1w is None:
         raise ValueError("the appearance carries no target geometry (target_vox2t1w): cannot predict measurements")
+    if appearance.acquisition is not None:
+        acquisition = appearance.acquisition if acquisition is None else acquisition.with_profile_of(
+            appearance.acquisition)
+    if acquisition is None:
+        raise ValueError("predict needs an acquisition model: the appearance records none")
     ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
     device = torch.device(device)
     a_mat = scaffold_operator(appearance.scaffold, appearance.target_vox2t1w, ijk, acquisition, device=device)
