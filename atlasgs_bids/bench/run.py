@@ -221,6 +221,7 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device):
     tuning = diag.get("tuning") or {}
     if tuning.get("seconds") is not None:
         params["tuning_seconds"] = round(float(tuning["seconds"]), 2)
+        params["profile_heldout_psnr"] = {k: round(float(v), 3) for k, v in tuning["profile_psnr"].items()}
     params["n_gaussians"] = int(scaffold.n_gaussians)
     return np.asarray(pred, dtype=np.float32), params
 

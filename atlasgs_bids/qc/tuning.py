@@ -139,8 +139,9 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     -------
     (options with the chosen ``lam`` and ``w_floor`` and ``tune=False``; the acquisition to fit through: the
     header's, or its grid with the chosen profile (``meta["profile_from_data"]``); a JSON-safe record: noise
-    estimate, ``lam_centre``, slab, every candidate's held-out PSNR/NCC, the choice, seconds; ``chosen`` is None
-    when no held-out search ran, and then ``lam`` is ``lam_centre`` and the profile the header's)
+    estimate, ``lam_centre``, slab, every candidate's held-out PSNR/NCC (``profile_psnr``: per profile), the choice,
+    seconds; ``chosen`` is None when no held-out search ran, and then ``lam`` is ``lam_centre`` and the profile the
+    header's)
     """
     t0 = time.perf_counter()
     base = replace(options, tune=False, noise_lam=False)  # the candidates' lambdas are used as they are
@@ -195,7 +196,7 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     lams = {lam_c: floors[w_best]}
     lams.update({lam_c * k: trial(lam_c * k, w_best, acq_best, p_best) for k in LAM_FACTORS})
     lam_best = _clear_winner(lams, lam_c)
-    record.update(tried=tried, profiles={c.name: asdict(c) for c in profiles},
+    record.update(tried=tried, profiles={c.name: asdict(c) for c in profiles}, profile_psnr=by_profile,
                   chosen={"lam": lam_best, "w_floor": w_best, "profile_candidate": p_best,
                           **acq_best.profile_record()},
                   seconds=time.perf_counter() - t0)
