@@ -409,9 +409,10 @@ METHOD_NOTES = (
     "`oracle_tuned: true`); its seconds are the final run only.",
     "- voxel-basis: lambda and h fixed (`--lam`, `--h`; lambda tuned once on the truth of the central 80x80 "
     "column, x3 and x7 gaussian, noiseless), given the exact simulation operator.",
-    "- atlasgs: lambda and the Laplacian weight floor chosen per case by the core on held-out slices of its own "
-    "input (`qc/tuning.py`: noise-set lambda centre, 4 held-out fits), with the header-derived acquisition model, "
-    "never the truth.",
+    "- atlasgs: the slice profile (header's Gaussian, box, soft-edged box, 0.8x Gaussian), then the Laplacian "
+    "weight floor and lambda chosen per case by the core on held-out slices of its own input (`qc/tuning.py`: "
+    "noise-set lambda centre, 7 held-out fits), starting from the header-derived acquisition model, never the "
+    "simulation's profile or the truth.",
 )
 
 
