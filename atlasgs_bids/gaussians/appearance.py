@@ -61,8 +61,8 @@ class AppearanceOptions:
     upper : bound each Gaussian's intensity (amplitude / overlap normaliser) by this multiple of the 99.9th
         percentile of the fitted measurements; None: no upper bound
     bound_iter : projected-gradient iterations after CG that enforce the bounds
-    tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
-        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
+    tune : choose the slice profile, ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; seven small extra fits)
     coarse_block : side (T1w voxels) of the aggregates of CG's two-level preconditioner
         (:mod:`atlasgs_bids.gaussians.precondition`); 0: Jacobi only
     noise_lam : raise ``lam`` to :func:`noise_set_lambda` of the target's own noise estimate (no extra fit; the

@@ -41,7 +41,6 @@ from atlasgs_bids.imaging.noise import noise_sigma_inplane
 from atlasgs_bids.qc import selfval
 
 
-
 @dataclass(frozen=True)
 class ProfileCandidate:
     """A through-plane slice profile, relative to the header's width ``t`` (:meth:`Acquisition.with_profile`).
@@ -62,10 +61,12 @@ class ProfileCandidate:
 
 
 #: Slice profiles tried besides the header's (which is the incumbent, as given). A hard box of width t (an ideal
-#: 2D multi-slice excitation); a box with soft edges of FWHM t/2 (real excitations; the AtlasGS simulation's
-#: block mean after a blur of sigma t/3 at x3, t/5 at x5); a narrower Gaussian.
+#: 2D multi-slice excitation); a box with soft edges of FWHM t/2 (real excitations; the AtlasGS simulation's block
+#: mean after a blur has soft edges of FWHM 0.78 t at x3, 0.47 t at x5); a narrower Gaussian. Wider Gaussians
+#: (1.25 t, 1.5 t) lost on the MNI152 truth and on bids-chris's removed slices (docs/bench/profile.md).
 PROFILE_CANDIDATES = (ProfileCandidate("box", "box"), ProfileCandidate("box-soft", "box", edge=0.5),
                       ProfileCandidate("gaussian-0.8", "gaussian", width=0.8))
+
 #: Floors of the T1w-similarity factor of the Laplacian weights tried.
 FLOOR_GRID = (0.0, 0.01)
 #: Multiples of lam_c tried (at the best floor); 1 is tried with the floors.
