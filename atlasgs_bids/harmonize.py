@@ -70,8 +70,10 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     brain_mask : (I, J, K) bool on the reference grid; voxels outside it (or outside the target's field of view,
         where no measurement constrains the field) are 0
     options : :class:`HarmonizeOptions`
-    acquisition : the target's acquisition model, when known better than its header (the benchmark's simulated
-        slice profiles); by default built from the header and ``options.slice_thickness``
+    acquisition : the target's acquisition model, when known better than its header; by default built from the
+        header and ``options.slice_thickness`` (Gaussian profile). With a tuning preset the fit may replace its
+        slice profile by one chosen from the target's held-out slices; ``diagnostics["acquisition"]`` records the
+        profile used and the header's
     """
     return harmonize_stacks(scaffold, [target], [target2t1w], reference, brain_mask, options,
                             acquisitions=None if acquisition is None else [acquisition])
@@ -127,7 +129,8 @@ def harmonize_stacks(scaffold: Scaffold, targets: Sequence[nib.spatialimages.Spa
         if i == 0:
             diag["relative_residual"] = rel
     diag["brain_fraction_in_target_fov"] = float(in_fov.sum() / max(int(mask.sum()), 1))
-    records = [_acquisition_record(acq, thick) for acq, thick in zip(acqs, thickness)]
+    records = [_acquisition_record(appearance.for_stack(i).acquisition or acq, acq, thick)
+               for i, (acq, thick) in enumerate(zip(acqs, thickness))]
     diag["acquisition"] = records[0]
     if n > 1:
         for rec, acq_rec in zip(diag["stacks"], records):
@@ -137,14 +140,14 @@ def harmonize_stacks(scaffold: Scaffold, targets: Sequence[nib.spatialimages.Spa
                       appearance=appearance, diagnostics=diag, residuals=residuals)
 
 
-def _acquisition_record(acq: Acquisition, slice_thickness: float | None) -> dict:
-    axis = int(acq.slice_axis)
-    zooms = acq.zooms
-    return {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
-            "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
+def _acquisition_record(used: Acquisition, header: Acquisition, slice_thickness: float | None) -> dict:
+    """JSON record of the slice profile a stack was fitted through (``used``: maybe chosen from the data) beside
+    its header's."""
+    axis = int(used.slice_axis)
+    return {"slice_axis": axis, "slice_spacing_mm": float(used.zooms[axis]), **used.profile_record(),
+            "header_profile": header.profile, "header_slice_thickness_mm": header.thickness_mm,
             "slice_thickness_source": "SliceThickness" if slice_thickness is not None
-            else "slice spacing (no SliceThickness in the sidecar)",
-            "profile": acq.profile}
+            else "slice spacing (no SliceThickness in the sidecar)"}
 
 
 def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:

@@ -221,7 +221,7 @@ def test_tuning_is_nested_and_moves_the_right_way_as_noise_grows() -> None:
     for sigma in (2.0, 60.0):
         noisy = np.hypot(thick + np.random.default_rng(6).normal(0, sigma, thick.shape),
                          np.random.default_rng(7).normal(0, sigma, thick.shape)).astype(np.float32)
-        opts, record = tune_appearance(scaffold, noisy, acq, np.eye(4), AppearanceOptions(tune=True, max_iter=100))
+        opts, _, record = tune_appearance(scaffold, noisy, acq, np.eye(4), AppearanceOptions(tune=True, max_iter=100))
         assert record["chosen"] is not None, record
         # Nested: no tuning slice lies in a slab the QC self-validation can use.
         counts = np.full(thick.shape[2], 256)

@@ -196,11 +196,13 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
 
 def harmonize_case(core, scaffold, case: cases.Case, subject: cases.Subject, quality: str, device: str, *,
                    thick: np.ndarray | None = None):
-    """The app's own entry point on a case, with the case's simulated slice profile as the acquisition model;
-    ``thick`` replaces the case's target (e.g. a 4D series built from it). Returns the ``Harmonized``."""
+    """The app's own entry point on a case, as the app runs it: the acquisition model from the header (Gaussian,
+    FWHM = slice spacing), its slice profile chosen by the core from held-out slices when the preset tunes, never
+    the simulation's (``case.acquisition``); ``thick`` replaces the case's target (e.g. a 4D series built from
+    it). Returns the ``Harmonized``."""
     return core.harmonize(scaffold, nib.Nifti1Image(case.thick if thick is None else thick, case.thick_affine),
                           np.eye(4), nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                          core.HarmonizeOptions(quality=quality, device=device), acquisition=case.acquisition)
+                          core.HarmonizeOptions(quality=quality, device=device))
 
 
 def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h: float, device: str):
@@ -217,6 +219,14 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device):
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
     options = diag.get("options") or {}
     params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)
+    acq = diag.get("acquisition") or {}
+    params["profile"] = acq.get("profile") if not acq.get("profile_from_data") else (
+        f"{acq.get('profile')} {acq.get('slice_thickness_mm'):.3g} mm"
+        + (f", edge {acq['edge_fwhm_mm']:.3g} mm" if acq.get("edge_fwhm_mm") else "") + " (from data)")
+    tuning = diag.get("tuning") or {}
+    if tuning.get("seconds") is not None:
+        params["tuning_seconds"] = round(float(tuning["seconds"]), 2)
+        params["profile_heldout_psnr"] = {k: round(float(v), 3) for k, v in tuning["profile_psnr"].items()}
     params["n_gaussians"] = int(scaffold.n_gaussians)
     return np.asarray(pred, dtype=np.float32), params
 
@@ -404,9 +414,10 @@ METHOD_NOTES = (
     "`oracle_tuned: true`); its seconds are the final run only.",
     "- voxel-basis: lambda and h fixed (`--lam`, `--h`; lambda tuned once on the truth of the central 80x80 "
     "column, x3 and x7 gaussian, noiseless), given the exact simulation operator.",
-    "- atlasgs: lambda and the Laplacian weight floor chosen per case by the core on held-out slices of its own "
-    "input (`qc/tuning.py`: noise-set lambda centre, 4 held-out fits), with the header-derived acquisition model, "
-    "never the truth.",
+    "- atlasgs: the slice profile (header's Gaussian, box, soft-edged box, 0.8x Gaussian), then the Laplacian "
+    "weight floor and lambda chosen per case by the core on held-out slices of its own input (`qc/tuning.py`: "
+    "noise-set lambda centre, 7 held-out fits), starting from the header-derived acquisition model, never the "
+    "simulation's profile or the truth.",
 )
 
 

@@ -62,8 +62,8 @@ class AppearanceOptions:
     upper : bound each Gaussian's intensity (amplitude / overlap normaliser) by this multiple of the 99.9th
         percentile of the fitted measurements; None: no upper bound
     bound_iter : projected-gradient iterations after CG that enforce the bounds
-    tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
-        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
+    tune : choose the slice profile, ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; seven small extra fits)
     coarse_block : side (T1w voxels) of the aggregates of CG's two-level preconditioner
         (:mod:`atlasgs_bids.gaussians.precondition`); 0: Jacobi only
     noise_lam : raise ``lam`` to :func:`noise_set_lambda` of the target's own noise estimate (no extra fit; the
@@ -124,6 +124,8 @@ class Appearance:
         :func:`atlasgs_bids.qc.tuning.tune_appearance`, None when not tuned)
     target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
         view the data constrain (outside it the field is only the regulariser's extrapolation)
+    acquisition : the acquisition model the fit went through (the header's, or the slice profile chosen from the
+        target's held-out slices when tuned; ``meta["profile_from_data"]``); :func:`predict` uses its profile
     fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
     fitted_residual : [M, V] float32, measured minus the forward prediction ``A c`` at ``fitted_ijk``, in the
         target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
@@ -135,6 +137,7 @@ class Appearance:
     diagnostics: dict = field(default_factory=dict)
     target_vox2t1w: np.ndarray | None = None
     target_shape: tuple[int, int, int] | None = None
+    acquisition: Acquisition | None = None
     fitted_ijk: np.ndarray | None = None
     fitted_residual: np.ndarray | None = None
     stacks: tuple["StackFit", ...] = ()
@@ -149,7 +152,7 @@ class Appearance:
         stack's units. Stack 0 is the reference, whose view this appearance already is."""
         st = self.stacks[index]
         return replace(self, intensity=st.intensity, target_vox2t1w=st.vox2t1w, target_shape=st.shape,
-                       fitted_ijk=st.ijk, fitted_residual=st.residual)
+                       acquisition=st.acquisition, fitted_ijk=st.ijk, fitted_residual=st.residual)
 
     def field_of_view(self, grid: Grid) -> np.ndarray:
         """(I, J, K) bool on ``grid`` (T1w world): the voxels some fitted stack's slab covers; all True when the
@@ -415,8 +418,11 @@ def fit_stacks(
     if opts.tune:
         from atlasgs_bids.qc.tuning import tune_appearance
 
-        if ref.mask is None:
-            opts, tuning = tune_appearance(scaffold, vols[0], ref.acquisition, ref.target2t1w, opts, device=device)
+        if ref.mask is None:  # the slice profile may be chosen too: fit, residual and predict go through it
+            opts, chosen, tuning = tune_appearance(scaffold, vols[0], ref.acquisition, ref.target2t1w, opts,
+                                                   device=device)
+            ref = replace(ref, acquisition=chosen)
+            stacks = [ref, *stacks[1:]]
         else:  # a fit on part of the target (e.g. held-out QC): the caller chooses its hyperparameters
             opts = replace(opts, tune=False)
 
@@ -517,6 +523,7 @@ def fit_stacks(
         diagnostics=diagnostics,
         target_vox2t1w=ref_m.vox2t1w,
         target_shape=tuple(ref.acquisition.shape),
+        acquisition=ref.acquisition,
         fitted_ijk=ref_m.ijk.astype(np.int32),
         fitted_residual=fits[0].residual,
         stacks=tuple(fits),
@@ -583,14 +590,16 @@ def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndar
     return ijk[_mask_fraction(scaffold, vox2t1w, ijk, acquisition) >= opts.min_mask_fraction]
 
 
-def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *,
+def predict(appearance: Appearance, acquisition: Acquisition | None, ijk: np.ndarray, *,
             device: str | torch.device = "cpu") -> np.ndarray:
     """What the target's voxels ``ijk`` would measure under the fitted appearance (the forward model, ``A c``).
 
     Parameters
     ----------
     appearance : stage-2 result; its ``target_vox2t1w`` places the target's voxels in T1w world
-    acquisition : the target's acquisition model (slice profile and PSF) the appearance was fitted through
+    acquisition : the grid of ``ijk`` and its in-plane PSF; None: the fit's own (``appearance.acquisition``). The
+        through-plane profile is always the one the appearance was fitted through when it is recorded (it may
+        have been chosen from the data), carried in mm onto this grid
     ijk : [M, 3] int target voxel indices (they need not have been fitted: held-out voxels are predicted the same
         way)
     device : torch device of the computation
@@ -601,6 +610,11 @@ def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *
     """
     if appearance.target_vox2t1w is None:
         raise ValueError("the appearance carries no target geometry (target_vox2t1w): cannot predict measurements")
+    if appearance.acquisition is not None:
+        acquisition = appearance.acquisition if acquisition is None else acquisition.with_profile_of(
+            appearance.acquisition)
+    if acquisition is None:
+        raise ValueError("predict needs an acquisition model: the appearance records none")
     ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
     device = torch.device(device)
     a_mat = scaffold_operator(appearance.scaffold, appearance.target_vox2t1w, ijk, acquisition, device=device)

@@ -337,7 +337,11 @@ PARAMETER_SECTIONS: dict[str, str] = {
 _PARAM_LABELS = {"quality": "quality preset", "seed": "random seed", "SliceThickness": "slice thickness from the "
                  "sidecar (mm)", "modality": "modality", "slice_axis": "slice axis (voxel axis of the target)",
                  "slice_spacing_mm": "slice spacing (mm)", "slice_thickness_mm": "slice thickness used (mm)",
-                 "slice_thickness_source": "thickness taken from", "profile": "slice profile"}
+                 "slice_thickness_source": "thickness taken from", "profile": "slice profile",
+                 "edge_fwhm_mm": "soft edge of the box profile, FWHM (mm)",
+                 "profile_from_data": "profile chosen on held-out slices",
+                 "header_profile": "slice profile from the header",
+                 "header_slice_thickness_mm": "slice thickness from the header (mm)"}
 
 
 def _label(key: str) -> str:

@@ -17,6 +17,7 @@ from atlasgs_bids.interfaces.dwi import RotateBvecs
 from atlasgs_bids.interfaces.fitting import Harmonize
 from atlasgs_bids.interfaces.qc import RegistrationQC, SelfValidation, TargetQC
 from atlasgs_bids.interfaces.registration import ReferenceVolume, RigidRegistration
+from atlasgs_bids.presets import appearance_overrides
 from atlasgs_bids.version import __version__
 
 
@@ -96,6 +97,8 @@ def init_target_wf(*, target: TargetInput | Sequence[TargetInput], config: Confi
     if fused and target.modality in ("dwi", "asl"):
         raise ValueError(f"{target.path}: {target.modality} series are not fused (per-volume metadata)")
     quality, seed = config.fit.quality, config.fit.seed
+    profile_note = (", unless the target's own held-out slices clearly favoured a box, a soft-edged box or a "
+                    "narrower Gaussian" if appearance_overrides(quality).get("tune") else "")
     device = resolve_device(config.resources.device)
     threads = config.resources.omp_nthreads
     wf = pe.Workflow(name=name or target_wf_name(target.path))
@@ -114,9 +117,11 @@ def init_target_wf(*, target: TargetInput | Sequence[TargetInput], config: Confi
         "and registered rigidly to the T1w with antspyx (Mattes mutual information, centre-of-mass initialisation, "
         f"whole field of view at the coarse levels and brain-masked metric at the fine ones, seed {seed}); the "
         "transform was then refined to sub-voxel precision by matching the T1w, pushed through the target's slice "
-        "profile and a fitted T1w-to-target intensity map, to the target's own voxels (Gauss-Newton). Per-Gaussian {target.modality} intensities were then fitted on the "
+        "profile and a fitted T1w-to-target intensity map, to the target's own voxels (Gauss-Newton). "
+        f"Per-Gaussian {target.modality} intensities were then fitted on the "
         f"target's own grid through its slice profile (slice thickness "
-        f"{f'{thickness} mm' if thickness is not None else 'taken from the voxel size'}) and the rigid transform "
+        f"{f'{thickness} mm' if thickness is not None else 'taken from the voxel size'}; a Gaussian of that FWHM"
+        f"{profile_note}) and the rigid transform "
         f"(quality preset '{quality}', device {device}), and rendered on the T1w grid. "
         "Quality control: the registration was checked by the correlation of the T1w's and the registered "
         "reference's edge maps inside the brain mask and by restarting the refinement from perturbed transforms, "
