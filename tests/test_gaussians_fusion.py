@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
 
 from atlasgs_bids.gaussians.appearance import AppearanceOptions, Stack, fit_appearance, fit_stacks, predict
 from atlasgs_bids.gaussians.linear import fit_coefficients
@@ -20,17 +19,12 @@ from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.gaussians.scaffold import lattice_scaffold
 from atlasgs_bids.imaging.acquisition import simulate_thick_slices
 from atlasgs_bids.imaging.metrics import psnr
+from conftest import tissue_images
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SHAPE = (28, 28, 28)
 OPTS = AppearanceOptions(lam=0.01, tol=1e-5, max_iter=600)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +38,7 @@ def phantom():
     for centre, radius in (((4.0, -3.0, 2.0), 2.5), ((-5.0, 4.0, -4.0), 2.0)):
         label[np.sqrt(((ijk - np.array(centre)[:, None, None, None]) ** 2).sum(0)) < radius] = 3
     label[(np.abs(ijk[2] - 5.0) < 1.0) & (r < 12)] = 3  # a thin sheet across the axial slices
-    t1 = gaussian_filter(np.array([0.0, 0.6, 1.0, 0.25])[label], 0.6) * 1000.0
-    t2 = gaussian_filter(np.array([0.0, 0.7, 0.4, 1.0])[label], 0.6) * 800.0
+    t1, t2 = tissue_images(label)
     affine = np.eye(4)
     affine[:3, 3] = [-14.0, -13.0, -12.0]
     return t1, t2, r < 12.5, affine

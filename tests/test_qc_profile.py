@@ -11,7 +11,6 @@ import dataclasses
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from atlasgs_bids.gaussians.appearance import predict
 from atlasgs_bids.gaussians.scaffold import lattice_scaffold
@@ -19,20 +18,9 @@ from atlasgs_bids.harmonize import HarmonizeOptions, harmonize
 from atlasgs_bids.imaging.acquisition import FWHM_TO_SIGMA, Acquisition, simulate_thick_slices
 from atlasgs_bids.qc.tuning import PROFILE_CANDIDATES, tune_appearance
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 FACTOR = 5
-_THREADS: list[int] = []
-
-
-def setup_module() -> None:
-    """One torch thread here (shared 2-core machines; results do not depend on it), restored afterwards."""
-    _THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-def teardown_module() -> None:
-    torch.set_num_threads(_THREADS.pop())
-
-
 def _variance(acq: Acquisition) -> float:
     """Through-plane variance (voxel units^2) of the profile: the mixture of the sub-slice Gaussians."""
     offsets, weights, fwhm = acq.sub_slices()
