@@ -97,6 +97,9 @@ class FitConfig:
     """Seed of the registration sampling (the default lattice scaffold is not random)."""
     uncertainty: bool = True
     """Write each target's calibrated posterior SD map (``desc-atlasgsSD``; ADR 0008); ``--no-uncertainty`` skips it."""
+    fuse_stacks: bool = False
+    """Fit the stacks of one suffix that differ only by ``run`` or ``acq`` jointly, into one output
+    (:func:`atlasgs_bids.bids.layout.fusion_groups`); off: one output per stack."""
 
     def __post_init__(self) -> None:
         check_quality(self.quality)

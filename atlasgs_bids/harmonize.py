@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
-from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, fit_appearance
+from atlasgs_bids.gaussians.appearance import Appearance, AppearanceOptions, Stack, fit_stacks
 from atlasgs_bids.gaussians.render import render
 from atlasgs_bids.gaussians.scaffold import Scaffold
 from atlasgs_bids.gaussians.uncertainty import N_SAMPLES, SMOOTH_MM
@@ -45,6 +46,7 @@ class HarmonizeOptions:
 class Harmonized:
     """image : the target on the reference grid (float32, the reference's header codes; 3D or 4D)
     residual : measured minus the forward prediction, first volume, on the target's grid (0 outside the fit)
+    residuals : with several stacks, every stack's residual (``residual`` is the first's)
     appearance : the fitted :class:`~atlasgs_bids.gaussians.appearance.Appearance`
     diagnostics : JSON-ready figures (appearance diagnostics, acquisition, relative residual, timings; with the SD
         map ``uncertainty`` (calibration, seconds) and ``sd_median``)
@@ -57,6 +59,7 @@ class Harmonized:
     appearance: Appearance
     diagnostics: dict = field(default_factory=dict)
     sd: nib.Nifti1Image | None = None
+    residuals: list[nib.Nifti1Image] = field(default_factory=list)
 
 
 def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target2t1w: np.ndarray,
@@ -74,18 +77,48 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     brain_mask : (I, J, K) bool on the reference grid; voxels outside it (or outside the target's field of view,
         where no measurement constrains the field) are 0
     options : :class:`HarmonizeOptions`
-    acquisition : the target's acquisition model, when known better than its header (the benchmark's simulated
-        slice profiles); by default built from the header and ``options.slice_thickness``
+    acquisition : the target's acquisition model, when known better than its header; by default built from the
+        header and ``options.slice_thickness`` (Gaussian profile). With a tuning preset the fit may replace its
+        slice profile by one chosen from the target's held-out slices; ``diagnostics["acquisition"]`` records the
+        profile used and the header's
+    """
+    return harmonize_stacks(scaffold, [target], [target2t1w], reference, brain_mask, options,
+                            acquisitions=None if acquisition is None else [acquisition])
+
+
+def harmonize_stacks(scaffold: Scaffold, targets: Sequence[nib.spatialimages.SpatialImage],
+                     target2t1w: Sequence[np.ndarray], reference: nib.spatialimages.SpatialImage,
+                     brain_mask: np.ndarray, options: HarmonizeOptions | None = None, *,
+                     acquisitions: Sequence[Acquisition | None] | None = None,
+                     slice_thickness: Sequence[float | None] | None = None) -> Harmonized:
+    """Stage 2 on one or several stacks of one contrast, fused in one solve
+    (:func:`~atlasgs_bids.gaussians.appearance.fit_stacks`), rendered on the reference grid.
+
+    ``targets[0]`` is the reference stack: the output is in its units, and it alone chooses the hyperparameters.
+    ``target2t1w[s]`` maps stack s's world to the T1w world (mm RAS); ``acquisitions[s]`` replaces the header model
+    of stack s when given; ``slice_thickness[s]`` is its SliceThickness in mm (default ``options.slice_thickness``
+    for every stack). The image covers the union of the stacks' fields of view; ``residual`` is the reference
+    stack's, ``residuals`` every stack's (each on its own grid and in its own units).
     """
     opts = options or HarmonizeOptions()
-    target2t1w = np.asarray(target2t1w, dtype=np.float64)
-    data = np.asarray(target.get_fdata(dtype=np.float32))
-    acq = acquisition or Acquisition.from_geometry(target.affine, data.shape[:3], slice_thickness=opts.slice_thickness)
-    appearance = fit_appearance(scaffold, data, acq, target2t1w, opts.appearance_options(), device=opts.device,
-                                posterior=opts.uncertainty)
+    n = len(targets)
+    if n == 0 or len(target2t1w) != n:
+        raise ValueError(f"harmonize_stacks needs one transform per stack, got {n} stacks and "
+                         f"{len(target2t1w)} transforms")
+    acquisitions = list(acquisitions) if acquisitions is not None else [None] * n
+    thickness = list(slice_thickness) if slice_thickness is not None else [opts.slice_thickness] * n
+    datas, acqs, stacks = [], [], []
+    for img, xfm, acq, thick in zip(targets, target2t1w, acquisitions, thickness):
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+        acq = acq or Acquisition.from_geometry(img.affine, data.shape[:3], slice_thickness=thick)
+        datas.append(data)
+        acqs.append(acq)
+        stacks.append(Stack(data, acq, np.asarray(xfm, dtype=np.float64)))
+    appearance = fit_stacks(scaffold, stacks, opts.appearance_options(), device=opts.device,
+                            posterior=opts.uncertainty)
     out_grid = Grid.of(reference)
     mask = np.asarray(brain_mask, dtype=bool)
-    in_fov = mask & out_grid.covered_by(acq.grid.moved(target2t1w))
+    in_fov = mask & appearance.field_of_view(out_grid)
     t0 = time.perf_counter()
     out = render(appearance, out_grid.affine, out_grid.shape, device=opts.device, mask=mask)
     render_s = time.perf_counter() - t0
@@ -95,26 +128,32 @@ def harmonize(scaffold: Scaffold, target: nib.spatialimages.SpatialImage, target
     if history:
         diag["final_relative_residual"] = history[-1]
     diag["history"] = history
-    residual, rel = residual_map(appearance, data)
-    diag["relative_residual"] = rel
+    residuals = []
+    for i, (img, data) in enumerate(zip(targets, datas)):
+        residual, rel = residual_map(appearance.for_stack(i), data)
+        res_img = nib.Nifti1Image(residual, img.affine)
+        res_img.header.set_xyzt_units("mm", "sec")
+        residuals.append(res_img)
+        if i == 0:
+            diag["relative_residual"] = rel
     diag["brain_fraction_in_target_fov"] = float(in_fov.sum() / max(int(mask.sum()), 1))
-    zooms = acq.zooms
-    axis = int(acq.slice_axis)
-    diag["acquisition"] = {"slice_axis": axis, "slice_spacing_mm": float(zooms[axis]),
-                           "slice_thickness_mm": float(acq.fwhm_vox[axis] * zooms[axis]),
-                           "slice_thickness_source": "SliceThickness" if opts.slice_thickness is not None
-                           else "slice spacing (no SliceThickness in the sidecar)",
-                           "profile": acq.profile}
+    records = [_acquisition_record(appearance.for_stack(i).acquisition or acq, acq, thick)
+               for i, (acq, thick) in enumerate(zip(acqs, thickness))]
+    diag["acquisition"] = records[0]
+    if n > 1:
+        for rec, acq_rec in zip(diag["stacks"], records):
+            rec["acquisition"] = acq_rec
     diag["render_seconds"] = render_s
     sd_img = None
     if opts.uncertainty:
-        sd, diag["uncertainty"] = sd_map(appearance, data, acq, target2t1w, out_grid, in_fov, device=opts.device)
+        # calibrated on the reference stack, through the slice profile its fit used (maybe chosen from the data)
+        sd, diag["uncertainty"] = sd_map(appearance, datas[0], appearance.acquisition or acqs[0],
+                                         np.asarray(target2t1w[0], dtype=np.float64), out_grid, in_fov,
+                                         device=opts.device)
         diag["sd_median"] = diag["uncertainty"]["sd_median"]
         sd_img = on_grid_of(sd, reference)
-    res_img = nib.Nifti1Image(residual, target.affine)
-    res_img.header.set_xyzt_units("mm", "sec")
-    return Harmonized(image=on_grid_of(np.asarray(out, dtype=np.float32), reference), residual=res_img,
-                      appearance=appearance, diagnostics=diag, sd=sd_img)
+    return Harmonized(image=on_grid_of(np.asarray(out, dtype=np.float32), reference), residual=residuals[0],
+                      appearance=appearance, diagnostics=diag, residuals=residuals, sd=sd_img)
 
 
 def sd_map(appearance: Appearance, data: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray, grid: Grid,
@@ -150,6 +189,15 @@ SD_METHOD = (f"posterior SD of the stage-2 linear model (its penalty read as a G
              f"smoothed {SMOOTH_MM:g} mm; the amplitude bounds ignored; scaled by one factor k fitted so that 95 % "
              "of the residuals on the target's own held-out slices lie within 1.96 SD (noise included there, not in "
              "the map) (ADR 0008)")
+
+def _acquisition_record(used: Acquisition, header: Acquisition, slice_thickness: float | None) -> dict:
+    """JSON record of the slice profile a stack was fitted through (``used``: maybe chosen from the data) beside
+    its header's."""
+    axis = int(used.slice_axis)
+    return {"slice_axis": axis, "slice_spacing_mm": float(used.zooms[axis]), **used.profile_record(),
+            "header_profile": header.profile, "header_slice_thickness_mm": header.thickness_mm,
+            "slice_thickness_source": "SliceThickness" if slice_thickness is not None
+            else "slice spacing (no SliceThickness in the sidecar)"}
 
 
 def residual_map(appearance: Appearance, data: np.ndarray) -> tuple[np.ndarray, float]:

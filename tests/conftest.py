@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,3 +197,27 @@ def outputs_differ(a: Path, b: Path, relabel: tuple[str, str] | None = None) -> 
         if not same:
             diffs.append(rel)
     return diffs
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module's tests, restored afterwards (``pytestmark =
+    pytest.mark.usefixtures("torch_one_thread")``): on a shared 2-core machine with other work running, two OpenMP
+    threads made the same solves 10-30x slower and their timing erratic; the results do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tissue_images(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T1-like and T2-like images (float64, partial volume: smoothed by a Gaussian of 0.6 voxel) of a label volume:
+    0 background, 1 GM-like, 2 WM-like, 3 CSF-like; the tissue order is inverted between the two (T1: WM > GM > CSF,
+    T2: CSF > GM > WM), as in brain MRI."""
+    from scipy.ndimage import gaussian_filter
+
+    t1 = gaussian_filter(np.array([0.0, 0.6, 1.0, 0.25])[label], 0.6) * 1000.0
+    t2 = gaussian_filter(np.array([0.0, 0.7, 0.4, 1.0])[label], 0.6) * 800.0
+    return t1, t2

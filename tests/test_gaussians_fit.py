@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter, map_coordinates
+from scipy.ndimage import map_coordinates
 
 from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
 from atlasgs_bids.gaussians.field import measure, quat_scale_to_covar
@@ -28,6 +28,9 @@ from atlasgs_bids.gaussians.scaffold import ScaffoldOptions, fit_scaffold, latti
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.imaging.acquisition import simulate_thick_slices
 from atlasgs_bids.imaging.metrics import psnr
+from conftest import tissue_images
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SHAPE = (24, 24, 24)
 FACTOR = 5
@@ -42,19 +45,10 @@ def _phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     label[r < 10] = 1  # GM-like shell
     label[r < 6.5] = 2  # WM-like core
     label[r_blob < 2.5] = 3  # CSF-like blob
-    t1 = gaussian_filter(np.array([0.0, 0.6, 1.0, 0.25])[label], 0.6) * 1000.0
-    t2 = gaussian_filter(np.array([0.0, 0.7, 0.4, 1.0])[label], 0.6) * 800.0
+    t1, t2 = tissue_images(label)
     affine = np.eye(4)
     affine[:3, 3] = [-12.0, -14.0, -10.0]
     return t1, t2, r < 10.5, affine
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

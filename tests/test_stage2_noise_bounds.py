@@ -18,22 +18,11 @@ from atlasgs_bids.gaussians.solve import projected_gradient
 from atlasgs_bids.imaging.acquisition import simulate_thick_slices
 from atlasgs_bids.imaging.noise import graph_noise_sigma, noise_sigma_inplane
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 SHAPE = (24, 24, 24)
 FACTOR = 4
 UNBOUNDED = dict(nonnegative=False, upper=None)
-
-
-_THREADS: list[int] = []
-
-
-def setup_module() -> None:
-    """One torch thread here (shared 2-core machines; results do not depend on it), restored afterwards."""
-    _THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-def teardown_module() -> None:
-    torch.set_num_threads(_THREADS.pop())
 
 
 def _tissue(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -221,7 +210,7 @@ def test_tuning_is_nested_and_moves_the_right_way_as_noise_grows() -> None:
     for sigma in (2.0, 60.0):
         noisy = np.hypot(thick + np.random.default_rng(6).normal(0, sigma, thick.shape),
                          np.random.default_rng(7).normal(0, sigma, thick.shape)).astype(np.float32)
-        opts, record = tune_appearance(scaffold, noisy, acq, np.eye(4), AppearanceOptions(tune=True, max_iter=100))
+        opts, _, record = tune_appearance(scaffold, noisy, acq, np.eye(4), AppearanceOptions(tune=True, max_iter=100))
         assert record["chosen"] is not None, record
         # Nested: no tuning slice lies in a slab the QC self-validation can use.
         counts = np.full(thick.shape[2], 256)

@@ -98,7 +98,7 @@ def test_target_sinks_exact_names(bids_root, tmp_path):
     assert wf.get_node("asl_wf.ds_target").inputs.rel_paths[-1] == \
         "sub-01/perf/sub-01_space-T1w_desc-atlasgs_aslcontext.tsv"
     t2w = wf.get_node("T2w_wf")
-    assert t2w.get_node("harmonize").inputs.slice_thickness == 4.0
+    assert t2w.get_node("harmonize").inputs.slice_thickness == [4.0]  # one per stack
     side = t2w.get_node("sidecar").inputs
     assert side.sources == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz", "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
     assert side.spatial_reference == "bids::sub-01/anat/sub-01_desc-preproc_T1w.nii.gz"

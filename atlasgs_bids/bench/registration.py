@@ -153,16 +153,38 @@ def build_case(case: RegCase, src: _Source, *, seed: int = 0, noise: float = 0.0
         flip[0, 0], flip[0, 3] = -1.0, t1.shape[0] - 1
         affine = affine @ flip
         t1, t2, mask = t1[::-1].copy(), t2[::-1].copy(), mask[::-1].copy()
-    centre = brain_centre(mask, affine)
-    rot = rigid_matrix(case.rotation_axis, case.rotation_deg, (0.0, 0.0, 0.0))
+    truth = head_motion(mask, affine, case.rotation_axis, case.rotation_deg, case.translation_mm)
+    sigma = noise * float(np.percentile(t2[mask], 99))
+    target, acq = simulate_moved_stack(t2, affine, mask, truth, case.factor, case.slice_axis, sigma=sigma,
+                                       rng=np.random.default_rng(seed))
+    return CaseData(t1w=nib.Nifti1Image(t1, affine), mask=nib.Nifti1Image(mask.astype(np.uint8), affine),
+                    target=target, acquisition=acq, truth=truth, t2_truth=t2)
+
+
+def head_motion(mask: np.ndarray, affine: np.ndarray, rotation_axis: tuple[float, float, float],
+                rotation_deg: float, translation_mm: tuple[float, float, float]) -> np.ndarray:
+    """(4, 4) rigid map, world mm RAS -> world mm RAS: a rotation about the brain's centre (``mask`` on the grid of
+    ``affine``), then a translation."""
     shift = np.eye(4)
-    shift[:3, 3] = centre
-    truth = shift @ rot @ np.linalg.inv(shift)
-    truth[:3, 3] += case.translation_mm
-    vox = float(nib.affines.voxel_sizes(src.affine).min())
+    shift[:3, 3] = brain_centre(mask, affine)
+    truth = shift @ rigid_matrix(rotation_axis, rotation_deg, (0.0, 0.0, 0.0)) @ np.linalg.inv(shift)
+    truth[:3, 3] += translation_mm
+    return truth
+
+
+def simulate_moved_stack(t2: np.ndarray, affine: np.ndarray, mask: np.ndarray, truth: np.ndarray, factor: int,
+                         slice_axis: int, *, sigma: float, rng: np.random.Generator,
+                         scale: float = 1.0) -> tuple[nib.Nifti1Image, Acquisition]:
+    """A thick-slice stack of ``t2`` (isotropic, voxel -> world ``affine``) taken from a head moved by ``truth``.
+
+    The stack's grid is axis-aligned in its own world, ``factor`` x the source voxel along ``slice_axis``, and
+    covers the brain (``mask``) moved into that world plus 10 mm; ``truth`` maps its world to the source's (mm RAS).
+    Gaussian slice profile, thickness = spacing; Rician noise of SD ``sigma`` (source units) from ``rng``; the
+    result is multiplied by ``scale`` (another receiver gain). Returns the image and its acquisition model.
+    """
+    vox = float(nib.affines.voxel_sizes(affine).min())
     zooms = np.full(3, vox)
-    zooms[case.slice_axis] = vox * case.factor
-    # target grid: axis-aligned in its own world, covering the T1w brain (plus 10 mm) moved into it
+    zooms[slice_axis] = vox * factor
     ijk = np.argwhere(mask)
     box = nib.affines.apply_affine(np.linalg.inv(truth) @ affine,
                                    np.array([[i, j, k] for i in (ijk[:, 0].min(), ijk[:, 0].max())
@@ -173,13 +195,9 @@ def build_case(case: RegCase, src: _Source, *, seed: int = 0, noise: float = 0.0
     t_aff = np.diag([*zooms, 1.0])
     t_aff[:3, 3] = lo
     clean = sample_through_psf(t2, affine, truth @ t_aff, shape, tuple(zooms), source_fwhm_mm=vox)
-    rng = np.random.default_rng(seed)
-    sigma = noise * float(np.percentile(t2[mask], 99))
     noisy = np.sqrt((clean + rng.normal(scale=sigma, size=clean.shape)) ** 2
-                    + rng.normal(scale=sigma, size=clean.shape) ** 2).astype(np.float32)
-    acq = Acquisition.from_geometry(t_aff, shape)
-    return CaseData(t1w=nib.Nifti1Image(t1, affine), mask=nib.Nifti1Image(mask.astype(np.uint8), affine),
-                    target=nib.Nifti1Image(noisy, t_aff), acquisition=acq, truth=truth, t2_truth=t2)
+                    + rng.normal(scale=sigma, size=clean.shape) ** 2)
+    return nib.Nifti1Image((scale * noisy).astype(np.float32), t_aff), Acquisition.from_geometry(t_aff, shape)
 
 
 def _stage2_psnrs(data: CaseData, transforms: list[np.ndarray]) -> list[float]:

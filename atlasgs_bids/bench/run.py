@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="measure instead what one target costs (the first --factors and --degradations) beside "
                              "its voxel-basis twin, and a 4D series of --volumes volumes (speed.json/.md)")
     parser.add_argument("--volumes", type=int, default=30, help="volumes of the 4D series (with --speed; 1: skip it)")
+    parser.add_argument("--fusion", action="store_true",
+                        help="run the multi-stack fusion case instead: axial, coronal and sagittal stacks at the first "
+                             "--factors, each from a moved head with its own intensity scale and Rician noise at the "
+                             "first --noise SNR (default 30), registered, fitted alone and fused (fusion.json/.md)")
+    parser.add_argument("--stacks", type=int, default=3, help="stacks of the fusion case (2 or 3; with --fusion)")
     parser.add_argument("--no-psnr", dest="psnr", action="store_false",
                         help="registration suite: skip the stage-2 PSNR of the marked cases")
     parser.add_argument("--geometry", choices=("lattice", "adaptive"), default="lattice",
@@ -194,13 +199,13 @@ def _fit_scaffold(image: np.ndarray, subject: cases.Subject, *, quality: str, se
 
 def harmonize_case(core, scaffold, case: cases.Case, subject: cases.Subject, quality: str, device: str, *,
                    thick: np.ndarray | None = None, uncertainty: bool = True):
-    """The app's own entry point on a case, with the case's simulated slice profile as the acquisition model;
-    ``thick`` replaces the case's target (e.g. a 4D series built from it); ``uncertainty``: also the SD map.
-    Returns the ``Harmonized``."""
+    """The app's own entry point on a case, as the app runs it: the acquisition model from the header (Gaussian,
+    FWHM = slice spacing), its slice profile chosen by the core from held-out slices when the preset tunes, never
+    the simulation's (``case.acquisition``); ``thick`` replaces the case's target (e.g. a 4D series built from
+    it); ``uncertainty``: also the SD map. Returns the ``Harmonized``."""
     return core.harmonize(scaffold, nib.Nifti1Image(case.thick if thick is None else thick, case.thick_affine),
                           np.eye(4), nib.Nifti1Image(subject.t1w, subject.affine), subject.mask,
-                          core.HarmonizeOptions(quality=quality, device=device, uncertainty=uncertainty),
-                          acquisition=case.acquisition)
+                          core.HarmonizeOptions(quality=quality, device=device, uncertainty=uncertainty))
 
 
 def voxel_basis_case(case: cases.Case, subject: cases.Subject, *, lam: float, h: float, device: str):
@@ -217,6 +222,14 @@ def _core_reconstruct(core, scaffold, case, subject, quality, device, uncertaint
     params = {k: diag[k] for k in ("iterations", "residual_rms", "seconds", "noise_sigma_normalised") if k in diag}
     options = diag.get("options") or {}
     params.update({k: options[k] for k in ("lam", "w_floor") if k in options})  # as used (after self-tuning)
+    acq = diag.get("acquisition") or {}
+    params["profile"] = acq.get("profile") if not acq.get("profile_from_data") else (
+        f"{acq.get('profile')} {acq.get('slice_thickness_mm'):.3g} mm"
+        + (f", edge {acq['edge_fwhm_mm']:.3g} mm" if acq.get("edge_fwhm_mm") else "") + " (from data)")
+    tuning = diag.get("tuning") or {}
+    if tuning.get("seconds") is not None:
+        params["tuning_seconds"] = round(float(tuning["seconds"]), 2)
+        params["profile_heldout_psnr"] = {k: round(float(v), 3) for k, v in tuning["profile_psnr"].items()}
     params["n_gaussians"] = int(scaffold.n_gaussians)
     if result.sd is not None:
         params.update(cases.sd_scores(pred, np.asarray(result.sd.dataobj), subject.t2w, subject.mask))
@@ -411,9 +424,10 @@ METHOD_NOTES = (
     "`oracle_tuned: true`); its seconds are the final run only.",
     "- voxel-basis: lambda and h fixed (`--lam`, `--h`; lambda tuned once on the truth of the central 80x80 "
     "column, x3 and x7 gaussian, noiseless), given the exact simulation operator.",
-    "- atlasgs: lambda and the Laplacian weight floor chosen per case by the core on held-out slices of its own "
-    "input (`qc/tuning.py`: noise-set lambda centre, 4 held-out fits), with the header-derived acquisition model, "
-    "never the truth.",
+    "- atlasgs: the slice profile (header's Gaussian, box, soft-edged box, 0.8x Gaussian), then the Laplacian "
+    "weight floor and lambda chosen per case by the core on held-out slices of its own input (`qc/tuning.py`: "
+    "noise-set lambda centre, 7 held-out fits), starting from the header-derived acquisition model, never the "
+    "simulation's profile or the truth.",
 )
 
 
@@ -486,6 +500,15 @@ def run(args: argparse.Namespace) -> int:
         report = run_speed(Path(args.data), out, factor=args.factors[0], degradation=args.degradations[0],
                            quality=args.quality, device=device, volumes=args.volumes, crop=args.crop)
         LOG.info("wrote %s: %s", out / "speed.md", [(r["method"], r["seconds"]) for r in report["rows"]])
+        return 0
+    if getattr(args, "fusion", False):
+        from atlasgs_bids.bench.fusion import run_fusion
+
+        report = run_fusion(Path(args.data), out, factor=args.factors[0], snr=(args.noise or [30.0])[0],
+                            quality=args.quality, device=device, seed=args.seed, crop=args.crop,
+                            n_stacks=args.stacks, machine=machine_info(),
+                            command=getattr(args, "command_line", None) or _command_line())
+        LOG.info("wrote %s: %s", out / "fusion.md", report.get("goals"))
         return 0
     subject = cases.load_subject(args.data, crop=args.crop)
     methods = list(dict.fromkeys(args.methods))

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from atlasgs_bids.atomic import atomic_path, atomic_write_bytes  # noqa: F401 (re-exported)
 from atlasgs_bids.errors import InputError
@@ -126,15 +126,38 @@ def scaffold_output(t1w_file: str | os.PathLike, extension: str = ".npz") -> Pat
 
 
 def target_output(target_file: str | os.PathLike, *, suffix: str | None = None,
-                  extension: str | None = None) -> Path:
-    """``<source entities>_space-T1w_desc-atlasgs_<suffix><ext>``: the harmonised target (or its sidecars)."""
-    return derivative_path(target_file, space="T1w", desc="atlasgs", suffix=suffix, extension=extension)
+                  extension: str | None = None, **overrides: str | None) -> Path:
+    """``<source entities>_space-T1w_desc-atlasgs_<suffix><ext>``: the harmonised target (or its sidecars);
+    ``overrides`` as for :func:`derivative_path` (``None`` drops an entity)."""
+    return derivative_path(target_file, space="T1w", desc="atlasgs", suffix=suffix, extension=extension, **overrides)
 
 
-def sd_output(target_file: str | os.PathLike, *, extension: str = ".nii.gz") -> Path:
+def fused_target_output(stack_files: Sequence[str | os.PathLike], **kwargs) -> Path:
+    """The derivative of stacks fused into one output (``--fuse-stacks``): :func:`target_output` of the first
+    (reference) stack without the entities in which the stacks' names differ; ``kwargs`` as for it.
+
+    >>> str(fused_target_output([f"/b/sub-1/anat/sub-1_acq-{a}_run-1_T2w.nii.gz" for a in ("ax", "cor")]))
+    'sub-1/anat/sub-1_run-1_space-T1w_desc-atlasgs_T2w.nii.gz'
+    """
+    return target_output(stack_files[0], **kwargs, **{k: None for k in _differing_entities(stack_files)})
+
+
+def _differing_entities(stack_files: Sequence[str | os.PathLike]) -> set[str]:
+    """The entities in which the names of ``stack_files`` differ (dropped from a fused output's name)."""
+    names = [parse_name(f)[0] for f in stack_files]
+    return {k for ents in names for k in ents if any(other.get(k) != ents.get(k) for other in names)}
+
+
+def sd_output(target_file: str | os.PathLike | Sequence[str | os.PathLike], *, extension: str = ".nii.gz") -> Path:
     """``<source entities>_space-T1w_desc-atlasgsSD_<suffix><ext>``: the per-voxel posterior SD of the harmonised
-    target (same grid and units), or its sidecar."""
-    return derivative_path(target_file, space="T1w", desc="atlasgsSD", extension=extension)
+    target (same grid and units), or its sidecar; of fused stacks (a list) named like their fused output.
+
+    >>> str(sd_output([f"/b/sub-1/anat/sub-1_acq-{a}_run-1_T2w.nii.gz" for a in ("ax", "cor")]))
+    'sub-1/anat/sub-1_run-1_space-T1w_desc-atlasgsSD_T2w.nii.gz'
+    """
+    files = [target_file] if isinstance(target_file, (str, os.PathLike)) else list(target_file)
+    return derivative_path(files[0], space="T1w", desc="atlasgsSD", extension=extension,
+                           **{k: None for k in _differing_entities(files)})
 
 
 def xfm_output(target_file: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -359,6 +359,36 @@ def collect_inputs(bids_dir: str | os.PathLike, *, participant_label: Iterable[s
         raise InputError(f"{root}: nothing to process: no target ({', '.join(DEFAULT_QUERIES[m]['suffix'] for m in modalities)}) "
                          "coarser than its T1w; see --modalities and the not-coarser rule in docs/usage.md")
     return found
+
+
+#: Entities by which stacks of one contrast may differ and still be fused (``--fuse-stacks``).
+FUSABLE_ENTITIES = ("run", "acq")
+#: Suffixes that may be fused: 3D anatomical contrasts (a dwi or asl series carries per-volume metadata).
+FUSABLE_SUFFIXES = ("T2w", "FLAIR", "PDw", "T2starw")
+
+
+def fusion_groups(targets: Sequence[TargetInput]) -> list[list[TargetInput]]:
+    """The targets grouped for ``--fuse-stacks``: stacks of one suffix (:data:`FUSABLE_SUFFIXES`) whose names
+    differ only by :data:`FUSABLE_ENTITIES` form one group; every other target is a group of its own.
+
+    In a group the first stack is the reference (the output is in its units and it chooses the hyperparameters):
+    the finest voxel volume, then the name. Groups keep the order of their first member in ``targets``.
+
+    >>> t = [TargetInput(Path(f"sub-1_{e}T2w.nii.gz"), "T2w", zooms=z) for e, z in
+    ...      (("acq-cor_", (1, 4, 1)), ("acq-ax_", (1, 1, 4)), ("acq-ax_run-2_", (1, 1, 3)), ("", (1, 1, 5)))]
+    >>> [[x.path.name for x in g] for g in fusion_groups(t)]
+    [['sub-1_acq-ax_run-2_T2w.nii.gz', 'sub-1_acq-ax_T2w.nii.gz', 'sub-1_acq-cor_T2w.nii.gz', 'sub-1_T2w.nii.gz']]
+    """
+    groups: dict[tuple, list[TargetInput]] = {}
+    for i, target in enumerate(targets):
+        ents, suffix = _name_entities(target.path.name)
+        if target.modality in FUSABLE_SUFFIXES:
+            key = (suffix, tuple(sorted((k, v) for k, v in ents.items() if k not in FUSABLE_ENTITIES)))
+        else:
+            key = ("single", i)
+        groups.setdefault(key, []).append(target)
+    return [sorted(g, key=lambda t: (round(float(np.prod(t.zooms or (1.0,))), 6), t.path.name))
+            for g in groups.values()]
 
 
 def _sidecar_candidates(path: Path, root: Path) -> list[Path]:

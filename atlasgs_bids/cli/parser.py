@@ -122,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quality", choices=QUALITIES, default="default",
                    help="speed/accuracy preset of the stage-2 fit (the lattice scaffold has no settings)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the registration")
+    g.add_argument("--fuse-stacks", "--fuse_stacks", dest="fuse_stacks", action="store_true",
+                   help="fit the stacks of one suffix that differ only by run or acq (e.g. an axial and a coronal "
+                        "T2w) jointly, into one output named without those entities (default: one output per stack)")
     g.add_argument("--skull-stripped", "--skull_stripped", dest="skull_stripped", action="store_true",
                    help="the T1w is already brain-extracted: the mask is T1w > 0 (no deepbet)")
     g.add_argument("--no-uncertainty", "--no_uncertainty", dest="uncertainty", action="store_false",
@@ -198,12 +201,12 @@ def build_config(opts: argparse.Namespace) -> Config:
         bids_database_dir=opts.bids_database_dir,
         skull_stripped=opts.skull_stripped, derivatives=opts.derivatives, nprocs=opts.nprocs,
         omp_nthreads=opts.omp_nthreads, mem_gb=opts.mem_gb, device=opts.device, quality=opts.quality,
-        seed=opts.seed, uncertainty=opts.uncertainty)
+        seed=opts.seed, fuse_stacks=opts.fuse_stacks, uncertainty=opts.uncertainty)
 
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
-    """``atlasgs-bids demo OUT [--quality Q] [--nprocs N] [--device D] [-v]``."""
+    """``atlasgs-bids demo OUT [--quality Q] [--nprocs N] [--device D] [--fuse-stacks] [-v]``."""
     parser = argparse.ArgumentParser(prog="atlasgs-bids demo", description=(
         "Build a small sample BIDS dataset (template T1w + synthetic thick-slice T2w with a known rigid offset, "
         "ground truth kept), run participant and group level on it, and compare the result with cubic "
@@ -212,6 +215,9 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", choices=QUALITIES, default="fast")
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--fuse-stacks", dest="fuse_stacks", action="store_true",
+                        help="add a coronal T2w stack (own head motion, 1.25 x the gain) to the sample and fuse it "
+                             "with the axial one (--fuse-stacks)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 

@@ -64,6 +64,10 @@ MARGIN_MM = 6.0
 """Margin (mm) around the brain's bounding box for the T1w field of view."""
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 SUBJECT = "01"
+CORONAL_MOTION = ((3.0, -1.0, 1.0), 4.0, (-2.0, 3.0, 1.0))
+"""Axis, angle (degrees) and translation (mm) of the optional coronal stack's ``target2t1w``."""
+CORONAL_GAIN = 1.25
+"""The optional coronal stack's intensity scale relative to the axial one (another receiver gain)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class SampleInfo:
         T2w slice thickness and spacing, mm.
     seconds : float
         Build time.
+    t2w_coronal : Path or None
+        ``sub-01_acq-cor_T2w.nii.gz``, the optional second (coronal) stack, else None.
     """
 
     bids_dir: Path
@@ -96,6 +102,7 @@ class SampleInfo:
     target2t1w: np.ndarray = field(compare=False)
     slice_thickness: float = 0.0
     seconds: float = field(default=0.0, compare=False)
+    t2w_coronal: Path | None = None
 
 
 def rigid_matrix(axis: tuple[float, float, float], angle_deg: float, translation_mm: tuple[float, ...]) -> np.ndarray:
@@ -264,7 +271,7 @@ def _write_bids_text(bids: Path, *, t1_mm: float, thickness: float, factor: int)
 
 
 def build_sample_dataset(
-    out_dir: Path, *, factor: int = 4, seed: int = 0, downsample_mm: float | None = None
+    out_dir: Path, *, factor: int = 4, seed: int = 0, downsample_mm: float | None = None, coronal: bool = False
 ) -> SampleInfo:
     """Write the sample BIDS dataset (``out_dir/bids``) and its ground truth (``out_dir/truth``).
 
@@ -278,6 +285,10 @@ def build_sample_dataset(
         Seeds the bias direction and the noise. Same seed, byte-identical data arrays.
     downsample_mm : float or None
         Isotropic T1w voxel size, mm (>= 1, the template's own). None: :data:`DEMO_T1W_MM`.
+    coronal : bool
+        Also write a coronal stack of the same T2 object, ``sub-01_acq-cor_T2w.nii.gz`` (slices across voxel axis
+        1, same thickness, its own head motion :data:`CORONAL_MOTION` and receiver gain :data:`CORONAL_GAIN`), for
+        ``--fuse-stacks``. The axial stack is unchanged (its noise is drawn first).
 
     Returns
     -------
@@ -343,6 +354,21 @@ def build_sample_dataset(
         anat / f"sub-{SUBJECT}_T2w.json",
         {"SliceThickness": thickness, "SpacingBetweenSlices": thickness, "SliceEncodingDirection": "k"},
     )
+    coronal_path = None
+    if coronal:
+        cor2t1w = rigid_matrix(*CORONAL_MOTION)
+        in_cor = nib.affines.apply_affine(np.linalg.inv(cor2t1w) @ t1_affine, corners)
+        cor_zooms = np.array([t1_mm, thickness, t1_mm])
+        cor_affine, cor_shape = _box_grid(in_cor.min(0), in_cor.max(0), cor_zooms)
+        clean = sample_through_psf(obj, src_affine, cor2t1w @ cor_affine, cor_shape, tuple(cor_zooms))
+        noise = rng.normal(scale=NOISE_SIGMA, size=(2, *cor_shape))
+        cor = CORONAL_GAIN * np.sqrt((clean + noise[0]) ** 2 + noise[1] ** 2)
+        coronal_path = anat / f"sub-{SUBJECT}_acq-cor_T2w.nii.gz"
+        _save(np.rint(np.clip(cor, 0, 32767)), cor_affine, coronal_path, np.int16, slice_axis=1)
+        _write_json(anat / f"sub-{SUBJECT}_acq-cor_T2w.json",
+                    {"SliceThickness": thickness, "SpacingBetweenSlices": thickness, "SliceEncodingDirection": "j"})
+        np.savetxt(truth_dir / "coronal2t1w_ras.txt", cor2t1w, fmt="%.12f",
+                   header="coronal T2w world mm RAS -> T1w world mm RAS; its data are CORONAL_GAIN x the axial's")
     truth_path = truth_dir / f"sub-{SUBJECT}_space-T1w_T2w.nii.gz"
     mask_path = truth_dir / f"sub-{SUBJECT}_space-T1w_desc-brain_mask.nii.gz"
     _save(truth, t1_affine, truth_path, np.float32)
@@ -364,5 +390,5 @@ def build_sample_dataset(
     )
     return SampleInfo(
         bids_dir=bids, t1w=t1_path, t2w=t2_path, truth_t2w=truth_path, truth_mask=mask_path,
-        target2t1w=target2t1w, slice_thickness=thickness, seconds=seconds,
+        target2t1w=target2t1w, slice_thickness=thickness, seconds=seconds, t2w_coronal=coronal_path,
     )

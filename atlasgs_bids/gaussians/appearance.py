@@ -37,6 +37,7 @@ from atlasgs_bids.gaussians.linear import fit_coefficients
 from atlasgs_bids.gaussians.sparse import SparseMatrix
 from atlasgs_bids.gaussians.uncertainty import PosteriorSamples, posterior_samples
 from atlasgs_bids.imaging.acquisition import Acquisition
+from atlasgs_bids.imaging.grid import Grid
 from atlasgs_bids.imaging.intensity import IntensityScale, fit_intensity_scale
 from atlasgs_bids.imaging.noise import graph_noise_sigma, noise_sigma_inplane
 
@@ -62,8 +63,8 @@ class AppearanceOptions:
     upper : bound each Gaussian's intensity (amplitude / overlap normaliser) by this multiple of the 99.9th
         percentile of the fitted measurements; None: no upper bound
     bound_iter : projected-gradient iterations after CG that enforce the bounds
-    tune : choose ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
-        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; four small extra fits)
+    tune : choose the slice profile, ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
+        (:func:`atlasgs_bids.qc.tuning.tune_appearance`; seven small extra fits)
     coarse_block : side (T1w voxels) of the aggregates of CG's two-level preconditioner
         (:mod:`atlasgs_bids.gaussians.precondition`); 0: Jacobi only
     noise_lam : raise ``lam`` to :func:`noise_set_lambda` of the target's own noise estimate (no extra fit; the
@@ -124,6 +125,8 @@ class Appearance:
         :func:`atlasgs_bids.qc.tuning.tune_appearance`, None when not tuned)
     target_vox2t1w : (4, 4) target voxel index -> T1w world mm RAS, and ``target_shape`` its grid: the field of
         view the data constrain (outside it the field is only the regulariser's extrapolation)
+    acquisition : the acquisition model the fit went through (the header's, or the slice profile chosen from the
+        target's held-out slices when tuned; ``meta["profile_from_data"]``); :func:`predict` uses its profile
     fitted_ijk : [M, 3] int32 target voxel indices the fit used (None when not kept)
     fitted_residual : [M, V] float32, measured minus the forward prediction ``A c`` at ``fitted_ijk``, in the
         target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
@@ -137,13 +140,68 @@ class Appearance:
     diagnostics: dict = field(default_factory=dict)
     target_vox2t1w: np.ndarray | None = None
     target_shape: tuple[int, int, int] | None = None
+    acquisition: Acquisition | None = None
     fitted_ijk: np.ndarray | None = None
     fitted_residual: np.ndarray | None = None
     posterior: PosteriorSamples | None = None
+    stacks: tuple["StackFit", ...] = ()
 
     @property
     def n_volumes(self) -> int:
         return int(self.coeffs.shape[1])
+
+    def for_stack(self, index: int) -> "Appearance":
+        """The same field seen from stack ``index`` of a multi-stack fit (:func:`fit_stacks`): its geometry, its
+        fitted voxels and residual, and its intensity map, so that :func:`predict` and the residual map give that
+        stack's units. Stack 0 is the reference, whose view this appearance already is."""
+        st = self.stacks[index]
+        return replace(self, intensity=st.intensity, target_vox2t1w=st.vox2t1w, target_shape=st.shape,
+                       acquisition=st.acquisition, fitted_ijk=st.ijk, fitted_residual=st.residual)
+
+    def field_of_view(self, grid: Grid) -> np.ndarray:
+        """(I, J, K) bool on ``grid`` (T1w world): the voxels some fitted stack's slab covers; all True when the
+        appearance carries no target geometry."""
+        geoms = [(st.vox2t1w, st.shape) for st in self.stacks] or [(self.target_vox2t1w, self.target_shape)]
+        if geoms[0][0] is None:
+            return np.ones(grid.shape, dtype=bool)
+        out = np.zeros(grid.shape, dtype=bool)
+        for vox2t1w, shape in geoms:
+            out |= grid.covered_by(Grid(vox2t1w, shape))
+        return out
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One thick-slice stack to fit: its data (I, J, K[, V]) in its own units and grid, its acquisition model,
+    its world mm RAS -> T1w world mm RAS map, and optionally the voxels allowed in the fit (on top of the
+    brain-mask rule)."""
+
+    data: np.ndarray
+    acquisition: Acquisition
+    target2t1w: np.ndarray
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class StackFit:
+    """One stack's part of a fit.
+
+    vox2t1w : (4, 4) stack voxel index -> T1w world mm RAS; shape its grid; acquisition its model
+    intensity : stack units -> the fit's normalised units (the reference stack's; for another stack its gain
+        relative to the reference is folded into ``scale``)
+    ijk : [M, 3] int32 fitted voxels; residual [M, V] float32 measured minus ``A c``, stack units
+    weight : the stack's weight in the joint data term (reference noise variance / its own)
+    noise_sigma : the stack's noise SD estimate, stack units
+    """
+
+    vox2t1w: np.ndarray
+    shape: tuple[int, int, int]
+    acquisition: Acquisition
+    intensity: IntensityScale
+    ijk: np.ndarray
+    residual: np.ndarray
+    weight: float = 1.0
+    noise_sigma: float = float("nan")
 
 
 def _check_target(data: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray) -> np.ndarray:
@@ -278,37 +336,108 @@ def fit_appearance(
 
     Returns
     -------
-    :class:`Appearance`
+    :class:`Appearance` (one stack: :func:`fit_stacks` with one :class:`Stack`)
     """
-    opts = options or AppearanceOptions.preset("default")
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    vol = _check_target(data, acquisition, target2t1w)
-    tuning = None
-    requested = opts  # recorded as given (the choice made by tuning is in lam / w_floor and in "tuning")
-    if opts.tune:
-        from atlasgs_bids.qc.tuning import tune_appearance
+    return fit_stacks(scaffold, [Stack(data, acquisition, target2t1w, mask)], options, device=device,
+                      posterior=posterior)
 
-        if mask is None:
-            opts, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, device=device)
-        else:  # a fit on part of the target (e.g. held-out QC): the caller chooses its hyperparameters
-            opts = replace(opts, tune=False)
-    vox2t1w = target_vox2t1w(acquisition, target2t1w)
 
-    ijk = fit_voxels(scaffold, acquisition, target2t1w, opts)
-    if mask is not None:
-        ijk = ijk[np.asarray(mask, dtype=bool)[tuple(ijk.T)]]
+#: Stack weights in the joint data term are clipped to this range (a noise estimate can be off on a small stack).
+STACK_WEIGHT_RANGE = (0.1, 10.0)
+
+
+@dataclass
+class _Measured:
+    """One stack's fitted voxels, prepared for the joint solve."""
+
+    vox2t1w: np.ndarray
+    ijk: np.ndarray
+    y_raw: np.ndarray  # [M, V] stack units
+    intensity: IntensityScale
+    a_mat: SparseMatrix
+    sigma: float  # noise SD, stack units
+
+
+def _measure_stack(scaffold: Scaffold, stack: Stack, opts: AppearanceOptions, device: torch.device,
+                   vol: np.ndarray) -> _Measured:
+    vox2t1w = target_vox2t1w(stack.acquisition, stack.target2t1w)
+    ijk = fit_voxels(scaffold, stack.acquisition, stack.target2t1w, opts)
+    if stack.mask is not None:
+        ijk = ijk[np.asarray(stack.mask, dtype=bool)[tuple(ijk.T)]]
     if len(ijk) < 16:
         raise ValueError(
             "the target does not overlap the T1w brain mask after the rigid transform "
             f"({len(ijk)} target voxels inside): check the registration"
         )
     y_raw = vol[tuple(ijk.T)]  # [M, V]
-    intensity = fit_intensity_scale(y_raw)
-    y = torch.as_tensor(intensity.apply(y_raw), device=device)
+    fitted_mask = np.zeros(stack.acquisition.shape, dtype=bool)
+    fitted_mask[tuple(ijk.T)] = True
+    sigma = noise_sigma_inplane(vol[..., 0], fitted_mask, stack.acquisition.slice_axis)
+    a_mat = scaffold_operator(scaffold, vox2t1w, ijk, stack.acquisition, device=device)
+    return _Measured(vox2t1w, ijk, y_raw, fit_intensity_scale(y_raw), a_mat, sigma)
 
+
+def fit_stacks(
+    scaffold: Scaffold,
+    stacks: list[Stack],
+    options: AppearanceOptions | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    posterior: bool = False,
+) -> Appearance:
+    """Fit ONE appearance to one or several stacks of a contrast, each through its own acquisition and transform.
+
+    Every stack keeps its rigid transform, slice profile and intensity map; their measurements enter one solve,
+
+        min_v sum_s w_s ||y_s - A_s B v||^2 + lambda v^T L v    (bounds as in the module docstring)
+
+    with ``y_s`` stack s's voxels mapped into the reference stack's normalised units (stack 0 is the reference:
+    the output is in its units), ``w_s`` = the reference's noise variance / stack s's (clipped to
+    :data:`STACK_WEIGHT_RANGE`). A stack's intensity scale relative to the reference (another coil, scanner or
+    receiver gain) is a free unknown of the same linear least-squares problem (``g_s y_s ~ A_s c``, eliminated by
+    variable projection in :func:`~atlasgs_bids.gaussians.linear.fit_coefficients`), so it is estimated from
+    everything the stacks share, not from a summary statistic that their different blurs would bias. Hyperparameters (``tune``) are chosen
+    on the reference stack alone; ``lambda`` then weighs the prior against one stack's worth of data per row, so
+    more stacks mean relatively less smoothing, as more data should.
+
+    Parameters
+    ----------
+    scaffold : stage-1 result (T1w world mm RAS)
+    stacks : one or more :class:`Stack` with the same number of volumes
+    options : :class:`AppearanceOptions`
+    device : torch device of the solve
+    posterior : also draw from the posterior (``Appearance.posterior``, per unit noise SD of the reference stack:
+        the weighted rows have that noise; the other stacks' gains are taken as known)
+
+    Returns
+    -------
+    :class:`Appearance` seen from the reference stack (its intensity, geometry, fitted voxels and residual), with
+    every stack's record in ``stacks`` (:meth:`Appearance.for_stack`)
+    """
+    if not stacks:
+        raise ValueError("fit_stacks needs at least one stack")
+    opts = options or AppearanceOptions.preset("default")
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    vols = [_check_target(st.data, st.acquisition, st.target2t1w) for st in stacks]
+    if len({v.shape[3] for v in vols}) > 1:
+        raise ValueError(f"the stacks have different numbers of volumes: {[v.shape[3] for v in vols]}")
+    ref = stacks[0]
+    tuning = None
+    requested = opts  # recorded as given (the choice made by tuning is in lam / w_floor and in "tuning")
+    if opts.tune:
+        from atlasgs_bids.qc.tuning import tune_appearance
+
+        if ref.mask is None:  # the slice profile may be chosen too: fit, residual and predict go through it
+            opts, chosen, tuning = tune_appearance(scaffold, vols[0], ref.acquisition, ref.target2t1w, opts,
+                                                   device=device)
+            ref = replace(ref, acquisition=chosen)
+            stacks = [ref, *stacks[1:]]
+        else:  # a fit on part of the target (e.g. held-out QC): the caller chooses its hyperparameters
+            opts = replace(opts, tune=False)
+
+    measured = [_measure_stack(scaffold, st, opts, device, vol) for st, vol in zip(stacks, vols)]
     sc = scaffold.to(device)
-    a_mat = scaffold_operator(scaffold, vox2t1w, ijk, acquisition, device=device)
     s = overlap_normaliser(scaffold, device)
     neighbours = scaffold_neighbours(scaffold, opts.k_neighbours)
     sigma_t1 = scaffold.cached(f"t1_sigma:{opts.k_neighbours}",
@@ -316,12 +445,28 @@ def fit_appearance(
     h_used = max(opts.h, opts.h_noise * sigma_t1)
     lap = t1_laplacian(scaffold, h=h_used, k=opts.k_neighbours, device=device, w_floor=opts.w_floor,
                        neighbours=neighbours)
-    fitted_mask = np.zeros(acquisition.shape, dtype=bool)
-    fitted_mask[tuple(ijk.T)] = True
-    sigma_target = noise_sigma_inplane(vol[..., 0], fitted_mask, acquisition.slice_axis)
+
+    # Each stack in its own normalised units (/ its 99th percentile); the fit frees every other stack's gain
+    # relative to the reference (linear.fit_coefficients' free_gain) and folds it into that stack's map below.
+    ref_m = measured[0]
+    maps = [m.intensity for m in measured]
+    ys = [torch.as_tensor(mp.apply(m.y_raw), device=device) for m, mp in zip(measured, maps)]
+    sigmas_n = [m.sigma / mp.scale for m, mp in zip(measured, maps)]
+    weights = [1.0] + [float(np.clip(sigmas_n[0] ** 2 / sn**2, *STACK_WEIGHT_RANGE))
+                       if np.isfinite(sn) and sn > 0 and np.isfinite(sigmas_n[0]) and sigmas_n[0] > 0 else 1.0
+                       for sn in sigmas_n[1:]]
     if opts.noise_lam:
-        opts = replace(opts, lam=noise_set_lambda(opts.lam, sigma_target / intensity.scale))
-    lower, upper, bound_info = _amplitude_bounds(y_raw, intensity, s, opts)
+        opts = replace(opts, lam=noise_set_lambda(opts.lam, sigmas_n[0]))
+    if len(measured) == 1:
+        a_mat, y = ref_m.a_mat, ys[0]
+    else:  # rows of every stack, each scaled by sqrt(w_s), in one operator
+        a_mat = SparseMatrix.from_scipy(sp.vstack([sp.diags(np.full(m.a_mat.shape[0], np.sqrt(w), np.float32))
+                                                   @ m.a_mat.to_scipy() for m, w in zip(measured, weights)]).tocsr(),
+                                        device)
+        y = torch.cat([yy * float(np.sqrt(w)) for yy, w in zip(ys, weights)])
+    # the bounds from every stack's values, in the reference's units (one stack: its own values, unchanged)
+    y_bounds = ref_m.y_raw if len(measured) == 1 else maps[0].invert(torch.cat(ys).cpu().numpy())
+    lower, upper, bound_info = _amplitude_bounds(y_bounds, maps[0], s, opts)
     t_build = time.perf_counter() - t0
 
     # Basis channels: c = sum_k basis_k * v_k. "intensity": v is the target's intensity near each Gaussian;
@@ -332,17 +477,25 @@ def fit_appearance(
     else:
         basis, lams = torch.stack([s, sc.amplitudes[:, 0]], dim=1), [opts.lam, opts.lam * opts.lam_ratio]
     # Start from the PSF-weighted average of the measurements around each Gaussian (a splat, not a resampling).
-    splat = a_mat.rmatmul(y) / a_mat.rmatmul(torch.ones_like(y[:, :1])).clamp_min(1e-6)
     v0 = torch.zeros(sc.n_gaussians, basis.shape[1], y.shape[1], device=device)
-    v0[:, 0] = splat
+    v0[:, 0] = a_mat.rmatmul(y) / a_mat.rmatmul(torch.ones_like(y[:, :1])).clamp_min(1e-6)
+    rows = np.cumsum([0] + [len(m.ijk) for m in measured])
     coeffs, info = fit_coefficients(
         a_mat, y, basis, laplacian=lap, lams=lams, max_iter=opts.max_iter, tol=opts.tol, v0=v0,
         bounds=(lower, upper), bound_iter=opts.bound_iter,
         coarse=(scaffold.t1w_grid.to_voxels(scaffold.means.numpy()), opts.coarse_block) if opts.coarse_block else None,
+        free_gain=[(int(rows[i]), int(rows[i + 1])) for i in range(1, len(measured))] or None,
     )
-    pred = a_mat.matmul(coeffs)
-    resid = y - pred
-    fitted_residual = (y_raw - np.asarray(intensity.invert(pred.cpu().numpy()), dtype=np.float32)).astype(np.float32)
+    for i, gain in enumerate(info["gains"], start=1):  # g y_s ~ A c: the stack's map gains g (first volume's)
+        maps[i] = IntensityScale(offset=0.0, scale=maps[i].scale / float(gain[0]))
+        ys[i] = ys[i] * float(gain[0])
+    fits = []
+    for st, m, mp, w, yy in zip(stacks, measured, maps, weights, ys):
+        pred = m.a_mat.matmul(coeffs)
+        resid = (m.y_raw - np.asarray(mp.invert(pred.cpu().numpy()), dtype=np.float32)).astype(np.float32)
+        fits.append(StackFit(vox2t1w=m.vox2t1w, shape=tuple(st.acquisition.shape), acquisition=st.acquisition,
+                             intensity=mp, ijk=m.ijk.astype(np.int32), residual=resid, weight=w, noise_sigma=m.sigma))
+    resid_ref = ys[0] - ref_m.a_mat.matmul(coeffs)
     seconds = time.perf_counter() - t0
     draws = posterior_samples(a_mat, basis, lap, lams, info["preconditioner"]) if posterior else None
     diagnostics = {
@@ -351,15 +504,15 @@ def fit_appearance(
         "iterations": info["iterations"],
         "coarse": info.get("coarse"),  # the two-level preconditioner (block, coarse unknowns, seconds) or None
         "history": info["relative_residual"],
-        "residual_rms": float(resid.pow(2).mean().sqrt()),
-        "n_measurements": int(len(ijk)),
+        "residual_rms": float(resid_ref.pow(2).mean().sqrt()),
+        "n_measurements": int(sum(len(m.ijk) for m in measured)),
         "n_gaussians": sc.n_gaussians,
         "nnz": a_mat.nnz,
         "options": asdict(replace(opts, tune=requested.tune)),
         "device": str(device),
         # Scalars, so that the sidecar's Metrics carry them (target units; normalised: / the 99th percentile).
-        "noise_sigma": sigma_target,
-        "noise_sigma_normalised": sigma_target / intensity.scale,
+        "noise_sigma": ref_m.sigma,
+        "noise_sigma_normalised": sigmas_n[0],
         "t1w_noise_sigma_normalised": sigma_t1,
         "noise_method": "target: in-plane Immerkaer high-pass, median |r| x 1.4826; T1w: kNN-mean residual on the "
                         "scaffold",
@@ -370,15 +523,23 @@ def fit_appearance(
         "bounds": {**bound_info, "n_outside_after_cg": info.get("n_at_bound_cg"),
                    "iterations": info.get("bound_iterations", 0), "rounding": info.get("bound_rounding")},
     }
+    if len(stacks) > 1:
+        diagnostics["stacks"] = [
+            {"n_measurements": int(len(f.ijk)), "weight": f.weight, "noise_sigma": f.noise_sigma,
+             "scale_vs_reference": f.intensity.scale / maps[0].scale,
+             "relative_residual": float(np.linalg.norm(f.residual) / max(np.linalg.norm(m.y_raw), 1e-30))}
+            for f, m in zip(fits, measured)]
     return Appearance(
         scaffold=scaffold,
         coeffs=coeffs.cpu().float(),
-        intensity=intensity,
+        intensity=maps[0],
         diagnostics=diagnostics,
-        target_vox2t1w=vox2t1w,
-        target_shape=tuple(acquisition.shape),
-        fitted_ijk=ijk.astype(np.int32),
-        fitted_residual=fitted_residual,
+        target_vox2t1w=ref_m.vox2t1w,
+        target_shape=tuple(ref.acquisition.shape),
+        acquisition=ref.acquisition,
+        fitted_ijk=ref_m.ijk.astype(np.int32),
+        fitted_residual=fits[0].residual,
+        stacks=tuple(fits),
         posterior=draws,
     )
 
@@ -443,14 +604,16 @@ def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndar
     return ijk[_mask_fraction(scaffold, vox2t1w, ijk, acquisition) >= opts.min_mask_fraction]
 
 
-def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *,
+def predict(appearance: Appearance, acquisition: Acquisition | None, ijk: np.ndarray, *,
             device: str | torch.device = "cpu") -> np.ndarray:
     """What the target's voxels ``ijk`` would measure under the fitted appearance (the forward model, ``A c``).
 
     Parameters
     ----------
     appearance : stage-2 result; its ``target_vox2t1w`` places the target's voxels in T1w world
-    acquisition : the target's acquisition model (slice profile and PSF) the appearance was fitted through
+    acquisition : the grid of ``ijk`` and its in-plane PSF; None: the fit's own (``appearance.acquisition``). The
+        through-plane profile is always the one the appearance was fitted through when it is recorded (it may
+        have been chosen from the data), carried in mm onto this grid
     ijk : [M, 3] int target voxel indices (they need not have been fitted: held-out voxels are predicted the same
         way)
     device : torch device of the computation
@@ -461,6 +624,11 @@ def predict(appearance: Appearance, acquisition: Acquisition, ijk: np.ndarray, *
     """
     if appearance.target_vox2t1w is None:
         raise ValueError("the appearance carries no target geometry (target_vox2t1w): cannot predict measurements")
+    if appearance.acquisition is not None:
+        acquisition = appearance.acquisition if acquisition is None else acquisition.with_profile_of(
+            appearance.acquisition)
+    if acquisition is None:
+        raise ValueError("predict needs an acquisition model: the appearance records none")
     ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
     device = torch.device(device)
     a_mat = scaffold_operator(appearance.scaffold, appearance.target_vox2t1w, ijk, acquisition, device=device)

@@ -9,6 +9,13 @@ coarse-grid correction when ``coarse`` is given (:mod:`atlasgs_bids.gaussians.pr
 sparse measurement operator, ``basis`` [N, nb] scales each Gaussian's coefficient in each of nb basis channels,
 ``L`` [N, N] a graph Laplacian (or none).
 
+With ``free_gain``, some row blocks (stacks of a multi-stack fit) are measured up to an unknown gain each:
+``g_b y_b ~ A_b c`` with ``g_b`` free per block and volume. The model stays linear in ``(c, g)``; eliminating
+``g_b = <y_b, A_b c> / |y_b|^2`` (variable projection, Golub & Pereyra 1973) leaves
+``||(I - P_b) A_b c||^2`` with ``P_b`` the projection on ``y_b``: a rank-one change of the normal operator per
+block and volume, and no right-hand side from the block (its shape constrains ``c``, its scale does not). The
+blocks whose gain is fixed (at least one, the reference) set the scale.
+
 With ``bounds``, each Gaussian's amplitude ``c_i = sum_k basis_ik v_ik`` is constrained to ``[lower_i, upper_i]``
 (per volume): CG gives the unconstrained minimiser, and a projected-gradient refinement
 (:func:`~atlasgs_bids.gaussians.solve.projected_gradient`) moves it to the constrained minimiser of the same
@@ -44,6 +51,7 @@ def fit_coefficients(
     coarse: tuple[np.ndarray, int] | None = None,
     extra_rhs: torch.Tensor | None = None,
     preconditioner=None,
+    free_gain: list[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Per-Gaussian field amplitudes [N, V] that reproduce ``y`` [M, V] through ``a_mat`` ([M, N]).
 
@@ -55,6 +63,8 @@ def fit_coefficients(
     ``extra_rhs`` [nb * N, V] (channel-major) is added to the normal equations' right-hand side ``B^T A^T y`` (the
     prior's perturbation of a posterior sample, :mod:`atlasgs_bids.gaussians.uncertainty`); ``preconditioner``: a
     previous solve's ``info["preconditioner"]`` on the same operator, reused instead of built (``coarse`` ignored).
+    ``free_gain`` = row ranges ``(start, stop)`` of ``y`` whose gain is a free unknown (module docstring); the
+    fitted gains ``g_b`` [n_blocks, V] are returned in the info as ``gains`` (1 = the block agrees with the rest).
     Returns the amplitudes ``c = sum_k basis_k * v_k`` and the solver's info (iterations, residual history; with
     bounds also ``bound_iterations``, ``bound_step`` history, and ``n_at_bound_cg`` the amplitudes outside the box
     after CG, worst volume, and ``preconditioner``, the ``M^-1`` CG used: an approximate ``H^-1``).
@@ -77,8 +87,25 @@ def fit_coefficients(
     def adjoint(r: torch.Tensor) -> torch.Tensor:
         return (basis_t[:, :, None] * a_mat.rmatmul(r)[None]).reshape(-1, n_vol)
 
+    # Free-gain blocks: unit directions u_b = y_b / |y_b| per volume (an all-zero block keeps its gain fixed).
+    blocks = []
+    for start, stop in free_gain or []:
+        norm = y[start:stop].norm(dim=0)
+        if bool((norm > 0).all()):
+            blocks.append((start, stop, y[start:stop] / norm[None, :], norm))
+    fixed = torch.ones(y.shape[0], 1, dtype=y.dtype, device=device)
+    for start, stop, _, _ in blocks:
+        fixed[start:stop] = 0.0
+
+    def data_term(c: torch.Tensor) -> torch.Tensor:
+        """``(I - sum_b P_b) A c``: the forward prediction, minus its component along each free block's data."""
+        ac = a_mat.matmul(c)
+        for start, stop, u, _ in blocks:
+            ac[start:stop].addcmul_(u, torch.linalg.vecdot(u, ac[start:stop], dim=0)[None, :], value=-1.0)
+        return ac
+
     def normal(v: torch.Tensor) -> torch.Tensor:
-        out = adjoint(a_mat.matmul(expand(v)))
+        out = adjoint(data_term(expand(v)))
         if ridge:
             out.add_(v, alpha=ridge)
         if laplacian is not None:
@@ -95,7 +122,9 @@ def fit_coefficients(
         reg_diag = reg_diag + lam_col * laplacian.diagonal().to(device)[None, :]
     diag = basis_t**2 * col_sq[None, :] + reg_diag
     precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)  # Jacobi: the scaling of the bounded refinement
-    rhs = adjoint(y) if extra_rhs is None else adjoint(y).add_(extra_rhs.to(device))
+    rhs = adjoint(y * fixed)
+    if extra_rhs is not None:
+        rhs.add_(extra_rhs.to(device))
     x0 = None if v0 is None else v0.permute(1, 0, 2).reshape(-1, n_vol).contiguous()
     m_inv = preconditioner if preconditioner is not None else (
         precond if nb == 1 else BlockJacobi.build(basis, col_sq, reg_diag))
@@ -108,6 +137,13 @@ def fit_coefficients(
     v, info = conjugate_gradient(normal, rhs, m_inv, x0=x0, max_iter=max_iter, tol=tol)
     info["coarse"] = coarse_info
     info["preconditioner"] = m_inv  # an approximate inverse of H: the posterior's read-out (gaussians.uncertainty)
+
+    def gains(c: torch.Tensor) -> list[list[float]]:
+        if not blocks:
+            return []
+        ac = a_mat.matmul(c)
+        return [(torch.linalg.vecdot(u, ac[start:stop], dim=0) / norm).tolist() for start, stop, u, norm in blocks]
+
     if bounds is not None and (bounds[0] is not None or bounds[1] is not None):
         c = expand(v)
         lower, upper = (None if b is None else (b[:, None] if b.dim() == 1 else b).to(device) for b in bounds)
@@ -126,8 +162,11 @@ def fit_coefficients(
         c = expand(v)
         snapped = c.clamp(min=lower, max=upper)
         info["bound_rounding"] = float((snapped - c).abs().max())
+        info["gains"] = gains(snapped)
         return snapped, info
-    return expand(v), info
+    c = expand(v)
+    info["gains"] = gains(c)
+    return c, info
 
 
 def _slab_projection(basis_t: torch.Tensor, scale: torch.Tensor, lower: torch.Tensor | None,

@@ -53,9 +53,8 @@ def render(
         raise ValueError(f"render mask shape {sel.shape} differs from the grid shape {shape}")
     coeffs = appearance.coeffs.to(device)
     psf = psf_covariance(affine, fwhm_vox)
-    if within_target and appearance.target_vox2t1w is not None:
-        target = Grid(appearance.target_vox2t1w, appearance.target_shape)
-        sel = sel & Grid(affine, shape).covered_by(target)
+    if within_target:
+        sel = sel & appearance.field_of_view(Grid(affine, shape))
     ijk = np.argwhere(sel)
     out = np.zeros((len(ijk), coeffs.shape[1]), dtype=np.float32)
     for start in range(0, len(ijk), chunk_voxels):

@@ -7,7 +7,7 @@ PSF can be carried into any world frame by the voxel-to-world affine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from nibabel.affines import voxel_sizes
@@ -37,6 +37,13 @@ class Acquisition:
         width ``fwhm_vox[slice_axis]``; in-plane axes stay Gaussian.
     box_points : int
         K, the number of sub-slices for the box profile.
+    edge_fwhm_vox : float
+        Box profile only: FWHM (voxel units along ``slice_axis``) of a Gaussian convolved with the box, i.e. soft
+        slice edges (a real 2D multi-slice excitation; the AtlasGS simulation's box of blocks after a blur). 0 is a
+        hard box. Exact in the quadrature: each sub-slice's Gaussian variance grows by this Gaussian's.
+    meta : dict
+        Free-form provenance (not compared): the simulator's parameters; ``profile_from_data`` when the profile
+        was chosen from the target's own held-out slices (:mod:`atlasgs_bids.qc.tuning`).
     """
 
     affine: np.ndarray
@@ -45,6 +52,7 @@ class Acquisition:
     slice_axis: int
     profile: str = "gaussian"
     box_points: int = 5
+    edge_fwhm_vox: float = 0.0
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -59,9 +67,12 @@ class Acquisition:
             raise ValueError(f"Acquisition.fwhm_vox must be 3 positive numbers, got {self.fwhm_vox}")
         if self.profile not in ("gaussian", "box"):
             raise ValueError(f"Acquisition.profile must be 'gaussian' or 'box', got {self.profile!r}")
+        if not np.isfinite(self.edge_fwhm_vox) or self.edge_fwhm_vox < 0:
+            raise ValueError(f"Acquisition.edge_fwhm_vox must be >= 0, got {self.edge_fwhm_vox}")
         object.__setattr__(self, "affine", aff)
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "fwhm_vox", tuple(float(f) for f in self.fwhm_vox))
+        object.__setattr__(self, "edge_fwhm_vox", float(self.edge_fwhm_vox))
 
     @property
     def grid(self) -> Grid:
@@ -72,6 +83,58 @@ class Acquisition:
     def zooms(self) -> np.ndarray:
         """(3,) voxel spacing in mm."""
         return self.grid.zooms
+
+    @property
+    def thickness_mm(self) -> float:
+        """Through-plane width of the slice profile in mm: the Gaussian's FWHM or the box's width (before soft
+        edges)."""
+        return float(self.fwhm_vox[self.slice_axis] * self.zooms[self.slice_axis])
+
+    def with_profile(self, profile: str, *, width: float = 1.0, edge: float = 0.0) -> "Acquisition":
+        """The same geometry with another through-plane profile, relative to this one's width ``t``.
+
+        ``width``: the new width (Gaussian FWHM or box width) is ``width * t``; ``edge``: the box's soft-edge FWHM
+        is ``edge * t`` (box only). In-plane PSF, grid and ``box_points`` are unchanged.
+
+        >>> acq = Acquisition(np.diag([1.0, 1.0, 3.0, 1.0]), (4, 4, 4), (1.0, 1.0, 1.2), slice_axis=2)
+        >>> box = acq.with_profile("box", edge=0.25)
+        >>> box.profile, box.fwhm_vox[2], round(box.edge_fwhm_vox, 3), round(box.thickness_mm, 3)
+        ('box', 1.2, 0.3, 3.6)
+        """
+        if width <= 0 or edge < 0:
+            raise ValueError(f"with_profile needs width > 0 and edge >= 0, got width={width}, edge={edge}")
+        if profile == "gaussian" and edge > 0:
+            raise ValueError("a soft edge (edge > 0) applies to the box profile only")
+        fwhm = list(self.fwhm_vox)
+        t = fwhm[self.slice_axis]
+        fwhm[self.slice_axis] = width * t
+        return replace(self, fwhm_vox=tuple(fwhm), profile=profile, edge_fwhm_vox=edge * t, meta=dict(self.meta))
+
+    def with_profile_of(self, other: "Acquisition") -> "Acquisition":
+        """This grid with ``other``'s through-plane profile (kind, width and soft edge carried in mm, so that
+        ``other`` may have another slice spacing, e.g. a fit on every second slice predicting them all).
+
+        >>> fit = Acquisition(np.diag([1.0, 1.0, 6.0, 1.0]), (4, 4, 2), (1.0, 1.0, 0.5), slice_axis=2, profile="box")
+        >>> full = Acquisition(np.diag([1.0, 1.0, 3.0, 1.0]), (4, 4, 4), (1.0, 1.0, 1.0), slice_axis=2)
+        >>> out = full.with_profile_of(fit); out.profile, out.fwhm_vox[2], out.thickness_mm
+        ('box', 1.0, 3.0)
+        """
+        if other.slice_axis != self.slice_axis:
+            raise ValueError(f"slice axes differ ({other.slice_axis} vs {self.slice_axis}): cannot carry the profile")
+        to_vox = float(other.zooms[other.slice_axis]) / float(self.zooms[self.slice_axis])
+        fwhm = list(self.fwhm_vox)
+        fwhm[self.slice_axis] = other.fwhm_vox[other.slice_axis] * to_vox
+        chosen = {k: v for k, v in other.meta.items() if k.startswith("profile")}  # provenance of the profile only
+        return replace(self, fwhm_vox=tuple(fwhm), profile=other.profile, box_points=other.box_points,
+                       edge_fwhm_vox=other.edge_fwhm_vox * to_vox, meta={**self.meta, **chosen})
+
+    def profile_record(self) -> dict:
+        """JSON-safe description of the through-plane profile (sidecars and diagnostics): profile, thickness (mm),
+        soft-edge FWHM (mm, box only) and whether it was chosen from the data (``meta["profile_from_data"]``)."""
+        zoom = float(self.zooms[self.slice_axis])
+        return {"profile": self.profile, "slice_thickness_mm": self.thickness_mm,
+                "edge_fwhm_mm": self.edge_fwhm_vox * zoom if self.profile == "box" else None,
+                "profile_from_data": bool(self.meta.get("profile_from_data", False))}
 
     @classmethod
     def from_geometry(
@@ -121,10 +184,11 @@ class Acquisition:
             return np.zeros(1), np.ones(1), fwhm
         k = int(self.box_points)
         width = fwhm[self.slice_axis]
-        # K equal sub-slices tiling the box; each one is a Gaussian as wide as its share (FWHM = width / K).
+        # K equal sub-slices tiling the box; each one is a Gaussian as wide as its share (FWHM = width / K),
+        # widened by the soft edge (Gaussian convolved with Gaussian: the FWHMs add in quadrature).
         offsets = (np.arange(k) + 0.5) / k * width - width / 2.0
         sub = fwhm.copy()
-        sub[self.slice_axis] = width / k
+        sub[self.slice_axis] = float(np.hypot(width / k, self.edge_fwhm_vox))
         return offsets, np.full(k, 1.0 / k), sub
 
 

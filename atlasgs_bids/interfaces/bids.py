@@ -81,6 +81,8 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
         params["registration_refinement"] = {**registration["refinement"], "accepted": registration.get("refined")}
     if isinstance(appearance.get("acquisition"), dict):  # the slice profile actually used (thickness in mm)
         params["acquisition"] = appearance["acquisition"]
+    if isinstance(appearance.get("stacks"), list):  # fused stacks: each one's scale, noise weight and residual
+        params["stacks"] = appearance["stacks"]
     if source_geometry:
         params["source_geometry"] = source_geometry
     runtime = {"registration_seconds": registration.get("seconds"),

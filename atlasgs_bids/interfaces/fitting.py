@@ -10,7 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, OutputMultiObject,
+                                    SimpleInterface, TraitedSpec, traits)
 
 from atlasgs_bids.presets import QUALITIES
 
@@ -80,11 +81,16 @@ class FitScaffold(SimpleInterface):
 
 class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     scaffold_file = File(exists=True, mandatory=True, desc="scaffold .npz")
-    target_file = File(exists=True, mandatory=True, desc="target NIfTI on its own grid")
-    xfm_file = File(exists=True, mandatory=True, desc="ITK transform resampling the target onto the T1w")
+    target_file = InputMultiObject(File(exists=True), mandatory=True,
+                                   desc="target NIfTI on its own grid; several: stacks fused in one fit, the first "
+                                        "the reference (output units, hyperparameters)")
+    xfm_file = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="ITK transform resampling each target onto the T1w (one per target)")
     t1w_file = File(exists=True, mandatory=True, desc="RAS+ T1w (output grid)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the T1w grid")
-    slice_thickness = traits.Either(None, traits.Float, usedefault=True, desc="SliceThickness, mm (sidecar)")
+    slice_thickness = traits.List(traits.Either(None, traits.Float), value=[None], usedefault=True,
+                                  desc="SliceThickness (mm) of each target (None: the slice spacing); one value "
+                                       "applies to every target")
     quality = traits.Enum(*QUALITIES, usedefault=True, desc="stage-2 preset (atlasgs_bids.presets)")
     device = traits.Enum("cpu", "cuda", usedefault=True, desc="torch device")
     threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads; not hashed")
@@ -94,37 +100,49 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
 class _HarmonizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="harmonised target on the T1w grid, float32")
     out_report = File(exists=True, desc="JSON: appearance diagnostics, CG history, relative_residual")
-    residual = File(exists=True, desc="measured - forward prediction, target grid, first volume, float32")
+    residual = File(exists=True, desc="measured - forward prediction, first target's grid, first volume, float32")
+    residuals = OutputMultiObject(File(exists=True), desc="every target's residual, in target_file order")
     sd_file = File(desc="posterior SD of out_file (first volume), T1w grid, same units; with uncertainty only")
 
 
 class Harmonize(SimpleInterface):
-    """Stage 2 + render on the T1w grid: file I/O around :func:`atlasgs_bids.harmonize.harmonize`."""
+    """Stage 2 + render on the T1w grid: file I/O around :func:`atlasgs_bids.harmonize.harmonize_stacks` (one
+    target, or several stacks of one contrast fused)."""
 
     input_spec = _HarmonizeInputSpec
     output_spec = _HarmonizeOutputSpec
 
     def _run_interface(self, runtime):
         from atlasgs_bids.gaussians.io import load_scaffold
-        from atlasgs_bids.harmonize import HarmonizeOptions, harmonize
+        from atlasgs_bids.harmonize import HarmonizeOptions, harmonize_stacks
         from atlasgs_bids.imaging.nifti import load_nifti, save_nifti
         from atlasgs_bids.imaging.transforms import read_target2t1w
 
         _threads(self.inputs.threads)
         cwd = Path(runtime.cwd)
+        targets, xfms = list(self.inputs.target_file), list(self.inputs.xfm_file)
+        thickness = list(self.inputs.slice_thickness)
+        if len(thickness) == 1:
+            thickness = thickness * len(targets)
+        if len(xfms) != len(targets) or len(thickness) != len(targets):
+            raise ValueError(f"Harmonize: {len(targets)} targets, {len(xfms)} transforms and {len(thickness)} slice "
+                             "thicknesses; give one of each per target")
         t1w = nib.load(str(self.inputs.t1w_file))
         mask = np.asarray(nib.load(str(self.inputs.mask_file)).dataobj) > 0
-        result = harmonize(load_scaffold(self.inputs.scaffold_file), load_nifti(self.inputs.target_file),
-                           read_target2t1w(self.inputs.xfm_file), t1w, mask,
-                           HarmonizeOptions(quality=self.inputs.quality, device=self.inputs.device,
-                                            slice_thickness=self.inputs.slice_thickness,
-                                            uncertainty=self.inputs.uncertainty))
+        result = harmonize_stacks(load_scaffold(self.inputs.scaffold_file), [load_nifti(t) for t in targets],
+                                  [read_target2t1w(x) for x in xfms], t1w, mask,
+                                  HarmonizeOptions(quality=self.inputs.quality, device=self.inputs.device,
+                                                   uncertainty=self.inputs.uncertainty),
+                                  slice_thickness=thickness)
         save_nifti(result.image, cwd / "harmonized.nii.gz")
         if result.sd is not None:
             save_nifti(result.sd, cwd / "sd.nii.gz")
             self._results["sd_file"] = str(cwd / "sd.nii.gz")
-        save_nifti(result.residual, cwd / "residual.nii.gz")
+        residuals = []
+        for i, res in enumerate(result.residuals):
+            residuals.append(cwd / ("residual.nii.gz" if i == 0 else f"residual_stack{i + 1}.nii.gz"))
+            save_nifti(res, residuals[-1])
         (cwd / "appearance.json").write_text(json.dumps(json_safe(result.diagnostics), indent=2))
         self._results.update(out_file=str(cwd / "harmonized.nii.gz"), out_report=str(cwd / "appearance.json"),
-                             residual=str(cwd / "residual.nii.gz"))
+                             residual=str(residuals[0]), residuals=[str(r) for r in residuals])
         return runtime

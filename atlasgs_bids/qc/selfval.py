@@ -264,8 +264,8 @@ def self_validate(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition
     if opts.tune:  # the main fit's choice (deterministic), made on slices outside every QC slab: nested
         from atlasgs_bids.qc.tuning import tune_appearance
 
-        opts, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, qc_every=every,
-                                       qc_max_heldout=max_heldout, qc_margin=margin, device=device)
+        opts, acquisition, tuning = tune_appearance(scaffold, vol, acquisition, target2t1w, opts, qc_every=every,
+                                                    qc_max_heldout=max_heldout, qc_margin=margin, device=device)
     run = heldout_fit(scaffold, vol, acquisition, target2t1w, opts, held, (first, last), eligible=eligible,
                       device=device)
     return SelfValidation(**{f.name: getattr(run, f.name) for f in fields(run)}, slice_axis=axis, heldout_slices=held, fit_slices=(first, last),
@@ -275,7 +275,7 @@ def self_validate(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition
 def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
                 options: AppearanceOptions, held: list[int], slab: tuple[int, int], *,
                 eligible: np.ndarray | None = None, region: np.ndarray | None = None,
-                device: str | torch.device = "cpu") -> HeldOutRun:
+                edge_mm: float | None = None, device: str | torch.device = "cpu") -> HeldOutRun:
     """Fit the kept slices of ``slab`` (inclusive slice range), predict ``held`` and score both predictions.
 
     Parameters
@@ -288,6 +288,9 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
     region : (I, J, K) bool, optional: restrict fitted and scored voxels (and the Gaussians, to those within
         :data:`GAUSSIAN_MARGIN` target voxels of it in plane) to this region, e.g. an in-plane box to bound the
         cost; the edge rule then measures distances to the region's edge too
+    edge_mm : held-out voxels nearer the eligible region's edge (in plane) are not scored; default the slice
+        thickness of ``acquisition``. Fits compared with each other (the tuning's slice profiles) pass one value,
+        so that they are scored on the same voxels
     """
     axis = int(acquisition.slice_axis)
     if eligible is None:
@@ -305,15 +308,16 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
     appearance = fit_appearance(sub, vol, acquisition, target2t1w, options, mask=fit_mask, device=device)
     fit_s = time.perf_counter() - t1
 
-    heldout, inner = scored_heldout(eligible, vol.shape[:3], acquisition, held)
+    edge_mm = acquisition.thickness_mm if edge_mm is None else float(edge_mm)
+    heldout, inner = scored_heldout(eligible, vol.shape[:3], acquisition, held, edge_mm=edge_mm)
     measured = vol[tuple(heldout.T)]
-    ours = predict(appearance, acquisition, heldout, device=device)[:, 0]
+    ours = predict(appearance, None, heldout, device=device)[:, 0]  # through the profile of the fit
     cub_slices = cubic_along_slices(vol, axis, np.flatnonzero(~is_held), np.asarray(held))
     pos = {s: i for i, s in enumerate(held)}
     idx = heldout.copy()
     idx[:, axis] = [pos[int(s)] for s in heldout[:, axis]]
     cubic = cub_slices[tuple(idx.T)]
-    edge_mm = float(acquisition.fwhm_vox[axis] * acquisition.zooms[axis])
+
     a, c = score(ours[inner], measured[inner]), score(cubic[inner], measured[inner])
     everything = {"atlasgs": asdict(score(ours, measured)), "cubic": asdict(score(cubic, measured)),
                   "n": int(len(heldout))}
@@ -323,14 +327,15 @@ def heldout_fit(scaffold: Scaffold, vol: np.ndarray, acquisition: Acquisition, t
 
 
 def scored_heldout(eligible: np.ndarray, shape: tuple[int, int, int], acquisition: Acquisition,
-                   held: list[int]) -> tuple[np.ndarray, np.ndarray]:
+                   held: list[int], *, edge_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The held-out voxels [H, 3] (the ``eligible`` ones on slices ``held``) and which are scored [H] bool: those at
-    least one slice thickness (mm, in plane) inside the eligible region's edge (every one when fewer than 16 are)."""
+    least ``edge_mm`` (default the slice thickness of ``acquisition``) inside the eligible region's edge, in plane
+    (every one when fewer than 16 are)."""
     axis = int(acquisition.slice_axis)
     is_held = np.zeros(shape[axis], dtype=bool)
     is_held[list(held)] = True
     heldout = eligible[is_held[eligible[:, axis]]]
-    edge_mm = float(acquisition.fwhm_vox[axis] * acquisition.zooms[axis])
+    edge_mm = acquisition.thickness_mm if edge_mm is None else float(edge_mm)
     inner = edge_distance_mm(eligible, shape, acquisition, heldout) >= edge_mm
     if inner.sum() < 16:  # a thin brain section: score every held-out voxel rather than none
         inner[:] = True

@@ -12,11 +12,14 @@ What fits one target is measured on that target:
    (:func:`~atlasgs_bids.qc.selfval.self_validate`, any seed) can use: the slices that choose cannot be the
    slices that score. Candidates are fitted on the kept slices and scored on the held-out ones (PSNR, through the
    target's slice profile, :func:`~atlasgs_bids.qc.selfval.heldout_fit`).
-3. Search. Coordinate search, 4 fits: the Laplacian weight floor over :data:`FLOOR_GRID` at ``lam_c``, then lambda
-   over ``lam_c x`` :data:`LAM_FACTORS` at the chosen floor. A candidate replaces the default (the preset's floor,
-   0, and ``lam_c``) only when its held-out PSNR is higher by more than :data:`MIN_GAIN_DB` (a few held-out slices
-   are a noisy score, and one that favours smoothing: a held-out slice is two spacings from its kept neighbours,
-   the real task one).
+3. Search. Coordinate search: the through-plane slice profile over :data:`PROFILE_CANDIDATES` at ``lam_c`` and
+   the preset's floor (the header's Gaussian of FWHM = SliceThickness first: the incumbent), then the Laplacian
+   weight floor over :data:`FLOOR_GRID` at ``lam_c``, then lambda over ``lam_c x`` :data:`LAM_FACTORS` at the
+   chosen floor; the incumbent's fit is shared, so 3 + ``len(profiles)`` fits. A candidate replaces the default
+   (the header's profile, the preset's floor, 0, and ``lam_c``) only when its held-out PSNR is higher by more than
+   :data:`MIN_GAIN_DB` (a few held-out slices are a noisy score, and one that favours smoothing: a held-out slice is
+   two spacings from its kept neighbours, the real task one). The profile is chosen first because a wrong
+   profile is a model error that lambda would otherwise be tuned to hide (docs/adr/0009).
 
 When no such slab exists (a thin target, or one whose brain lies within the QC slabs) the noise-set ``lam_c`` and
 the preset's floor are used, and the record says why (``chosen`` is None).
@@ -24,7 +27,8 @@ the preset's floor are used, and the record says why (``chosen`` is None).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +39,33 @@ from atlasgs_bids.imaging.acquisition import Acquisition
 from atlasgs_bids.imaging.intensity import fit_intensity_scale
 from atlasgs_bids.imaging.noise import noise_sigma_inplane
 from atlasgs_bids.qc import selfval
+
+
+@dataclass(frozen=True)
+class ProfileCandidate:
+    """A through-plane slice profile, relative to the header's width ``t`` (:meth:`Acquisition.with_profile`).
+
+    name : label in the records; profile : "gaussian" or "box"; width : Gaussian FWHM or box width, in units of
+    ``t``; edge : the box's soft-edge FWHM (a Gaussian convolved with it), in units of ``t``
+    """
+
+    name: str
+    profile: str
+    width: float = 1.0
+    edge: float = 0.0
+
+    def apply(self, acquisition: Acquisition) -> Acquisition:
+        """``acquisition``'s grid with this profile, marked as chosen from the data."""
+        acq = acquisition.with_profile(self.profile, width=self.width, edge=self.edge)
+        return replace(acq, meta={**acq.meta, "profile_from_data": True, "profile_candidate": self.name})
+
+
+#: Slice profiles tried besides the header's (which is the incumbent, as given). A hard box of width t (an ideal
+#: 2D multi-slice excitation); a box with soft edges of FWHM t/2 (real excitations; the AtlasGS simulation's block
+#: mean after a blur has soft edges of FWHM 0.78 t at x3, 0.47 t at x5); a narrower Gaussian. Wider Gaussians
+#: (1.25 t, 1.5 t) lost on the MNI152 truth and on bids-chris's removed slices (docs/bench/profile.md).
+PROFILE_CANDIDATES = (ProfileCandidate("box", "box"), ProfileCandidate("box-soft", "box", edge=0.5),
+                      ProfileCandidate("gaussian-0.8", "gaussian", width=0.8))
 
 #: Floors of the T1w-similarity factor of the Laplacian weights tried.
 FLOOR_GRID = (0.0, 0.01)
@@ -89,23 +120,29 @@ def tuning_slab(counts: np.ndarray, excluded: np.ndarray, *, n_heldout: int = TU
 def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
                     options: AppearanceOptions, *, box_mm: float = BOX_MM, qc_every: int = selfval.EVERY,
                     qc_max_heldout: int = selfval.MAX_HELDOUT, qc_margin: int = selfval.MARGIN,
-                    device: str | torch.device = "cpu") -> tuple[AppearanceOptions, dict]:
-    """Choose ``lam`` and ``w_floor`` for one target from its own held-out slices (see the module docstring).
+                    profiles: tuple[ProfileCandidate, ...] = PROFILE_CANDIDATES,
+                    device: str | torch.device = "cpu") -> tuple[AppearanceOptions, Acquisition, dict]:
+    """Choose the slice profile, ``lam`` and ``w_floor`` for one target from its own held-out slices (see the
+    module docstring).
 
     Parameters
     ----------
     scaffold : stage-1 result (T1w world mm RAS)
     data : (I, J, K) or (I, J, K, V) the target, own units and grid (a series is tuned on its first volume)
-    acquisition, target2t1w : the target's acquisition model and target world -> T1w world (mm RAS)
+    acquisition, target2t1w : the target's acquisition model from its header (the incumbent profile) and target
+        world -> T1w world (mm RAS)
     options : the preset; its other fields are kept
     box_mm : in-plane side of the tuning region (mm)
     qc_every, qc_max_heldout, qc_margin : the QC self-validation's settings, whose slabs are excluded
+    profiles : slice profiles tried against the header's; () keeps the header's without a fit
 
     Returns
     -------
-    (options with the chosen ``lam`` and ``w_floor`` and ``tune=False``, a JSON-safe record: noise estimate,
-    ``lam_centre``, slab, every candidate's held-out PSNR/NCC, the choice, seconds; ``chosen`` is None when no
-    held-out search ran, and then ``lam`` is ``lam_centre``)
+    (options with the chosen ``lam`` and ``w_floor`` and ``tune=False``; the acquisition to fit through: the
+    header's, or its grid with the chosen profile (``meta["profile_from_data"]``); a JSON-safe record: noise
+    estimate, ``lam_centre``, slab, every candidate's held-out PSNR/NCC (``profile_psnr``: per profile), the choice,
+    seconds; ``chosen`` is None when no held-out search ran, and then ``lam`` is ``lam_centre`` and the profile the
+    header's)
     """
     t0 = time.perf_counter()
     base = replace(options, tune=False, noise_lam=False)  # the candidates' lambdas are used as they are
@@ -117,7 +154,7 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
                     "chosen": None}
     if len(eligible) < 100:
         record["reason"] = "too few target voxels in the brain mask"
-        return base, record
+        return base, acquisition, record
     fitted = np.zeros(vol.shape, dtype=bool)
     fitted[tuple(eligible.T)] = True
     scale = fit_intensity_scale(vol[fitted]).scale
@@ -131,31 +168,43 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     slab = tuning_slab(counts, excluded)
     if slab is None:
         record["reason"] = "no slab of brain slices outside the QC self-validation slabs"
-        return replace(base, lam=lam_c), record
+        return replace(base, lam=lam_c), acquisition, record
     held, (first, last) = slab
     region = inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, box_mm)
     record.update(heldout_slices=held, fit_slices=[first, last], box_mm=box_mm)
 
     tried: list[dict] = []
 
-    def trial(lam: float, w_floor: float) -> float:
+    def trial(lam: float, w_floor: float, acq: Acquisition, profile: str) -> float:
         opts = replace(base, lam=lam, w_floor=w_floor)
-        run = selfval.heldout_fit(scaffold, vol, acquisition, target2t1w, opts, held, (first, last),
-                                  eligible=eligible, region=region, device=device)
-        tried.append({"lam": lam, "w_floor": w_floor, "psnr": run.atlasgs.psnr, "ncc": run.atlasgs.ncc,
-                      "cubic_psnr": run.cubic.psnr, "n_scored": run.n_scored, "seconds": run.fit_seconds})
+        run = selfval.heldout_fit(scaffold, vol, acq, target2t1w, opts, held, (first, last),
+                                  eligible=eligible, region=region, edge_mm=acquisition.thickness_mm,
+                                  device=device)
+        tried.append({"lam": lam, "w_floor": w_floor, "profile": profile, "psnr": run.atlasgs.psnr,
+                      "ncc": run.atlasgs.ncc, "cubic_psnr": run.cubic.psnr, "n_scored": run.n_scored,
+                      "seconds": run.fit_seconds})
         return run.atlasgs.psnr
 
-    floors = {f: trial(lam_c, f) for f in sorted(set(FLOOR_GRID) | {base.w_floor})}
+    # 1. the slice profile, at the centre lambda and the preset's floor; "header" is the incumbent
+    shapes = {"header": acquisition, **{c.name: c.apply(acquisition) for c in profiles}}
+    by_profile = {name: trial(lam_c, base.w_floor, acq, name) for name, acq in shapes.items()}
+    p_best = _clear_winner(by_profile, "header")
+    acq_best = shapes[p_best]
+    # 2. the floor (the preset's was scored with the chosen profile), 3. lambda at that floor
+    floors = {base.w_floor: by_profile[p_best]}
+    floors.update({f: trial(lam_c, f, acq_best, p_best) for f in sorted(set(FLOOR_GRID) - {base.w_floor})})
     w_best = _clear_winner(floors, base.w_floor)
     lams = {lam_c: floors[w_best]}
-    lams.update({lam_c * k: trial(lam_c * k, w_best) for k in LAM_FACTORS})
+    lams.update({lam_c * k: trial(lam_c * k, w_best, acq_best, p_best) for k in LAM_FACTORS})
     lam_best = _clear_winner(lams, lam_c)
-    record.update(tried=tried, chosen={"lam": lam_best, "w_floor": w_best}, seconds=time.perf_counter() - t0)
-    return replace(base, lam=lam_best, w_floor=w_best), record
+    record.update(tried=tried, profiles={c.name: asdict(c) for c in profiles}, profile_psnr=by_profile,
+                  chosen={"lam": lam_best, "w_floor": w_best, "profile_candidate": p_best,
+                          **acq_best.profile_record()},
+                  seconds=time.perf_counter() - t0)
+    return replace(base, lam=lam_best, w_floor=w_best), acq_best, record
 
 
-def _clear_winner(scores: dict[float, float], incumbent: float) -> float:
+def _clear_winner(scores: dict[Hashable, float], incumbent: Hashable) -> Hashable:
     """The best-scoring key if it beats ``incumbent``'s score by more than :data:`MIN_GAIN_DB`, else ``incumbent``.
 
     Held-out PSNR on a few slices is a noisy proxy (measured on the noiseless MNI152 x5 crop: floors 0 / 0.01 / 0.03

@@ -23,6 +23,7 @@ import numpy as np
 
 from atlasgs_bids.atomic import atomic_write_bytes
 from atlasgs_bids.bids import derivatives as bd
+from atlasgs_bids.bids.layout import fusion_groups
 from atlasgs_bids.reports import figures as fg
 
 LOGGER = logging.getLogger("atlasgs")
@@ -194,7 +195,11 @@ def load_entries(roots: Sequence[str | os.PathLike], subject: str) -> list[Targe
             except (OSError, json.JSONDecodeError) as exc:
                 LOGGER.warning("%s: unreadable QC record (%s)", qc_file, exc)
             entry = TargetEntry(stem=stem, session=ents.get("ses"), modality=suffix, qc=qc)
-            sidecar_rel = bd.target_output(stem + ".nii.gz", extension=".json")
+            # a fused stack's sidecar is its group's output's (qc.json names it)
+            fused = (qc.get("parameters") or {}).get("fused_output")
+            sidecar_rel = bd.target_output(stem + ".nii.gz", extension=".json") if not fused else \
+                bd.target_output(stem + ".nii.gz", extension=".json").with_name(
+                    fused.replace(".nii.gz", ".json"))
             for r in roots:
                 if (r / sidecar_rel).is_file():
                     entry.sidecar = json.loads((r / sidecar_rel).read_text())
@@ -338,7 +343,11 @@ PARAMETER_SECTIONS: dict[str, str] = {
 _PARAM_LABELS = {"quality": "quality preset", "seed": "random seed", "SliceThickness": "slice thickness from the "
                  "sidecar (mm)", "modality": "modality", "slice_axis": "slice axis (voxel axis of the target)",
                  "slice_spacing_mm": "slice spacing (mm)", "slice_thickness_mm": "slice thickness used (mm)",
-                 "slice_thickness_source": "thickness taken from", "profile": "slice profile"}
+                 "slice_thickness_source": "thickness taken from", "profile": "slice profile",
+                 "edge_fwhm_mm": "soft edge of the box profile, FWHM (mm)",
+                 "profile_from_data": "profile chosen on held-out slices",
+                 "header_profile": "slice profile from the header",
+                 "header_slice_thickness_mm": "slice thickness from the header (mm)"}
 
 
 def _label(key: str) -> str:
@@ -519,8 +528,11 @@ def regenerate_reports(output_dir: str | os.PathLike, subject_inputs: Iterable[A
     for si in subject_inputs:
         t1w = out / bd.t1w_preproc_output(si.t1w)
         mask = out / bd.brain_mask_output(si.t1w)
+        groups = {t.path: g for g in fusion_groups(si.targets) for t in g}
         for target in si.targets:
             harmonized, xfm = out / bd.target_output(target.path), out / bd.xfm_output(target.path)
+            if not harmonized.is_file() and len(groups[target.path]) > 1:  # a run with --fuse-stacks
+                harmonized = out / bd.fused_target_output([t.path for t in groups[target.path]])
             if not (t1w.is_file() and harmonized.is_file() and xfm.is_file()):
                 LOGGER.warning("%s: no derivatives in %s; not in the report", target.path.name, out)
                 continue

@@ -7,7 +7,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from atlasgs_bids.bids import derivatives as bd
-from atlasgs_bids.bids.layout import SubjectInputs
+from atlasgs_bids.bids.layout import SubjectInputs, TargetInput, fusion_groups
 from atlasgs_bids.config import Config
 from atlasgs_bids.device import resolve_device
 from atlasgs_bids.interfaces.anat import BrainMask, Reorient
@@ -130,8 +130,9 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
         ])
 
     target_wfs = []
-    for target in si.targets:
-        twf = init_target_wf(target=target, config=config, t1w_file=si.t1w, stage_dir=stage_dir)
+    for group in target_groups(si, config):
+        twf = init_target_wf(target=group if len(group) > 1 else group[0], config=config, t1w_file=si.t1w,
+                             stage_dir=stage_dir)
         wf.connect([
             (reorient, twf, [("out_file", "inputnode.t1w_preproc")]),
             (brain_mask, twf, [("out_file", "inputnode.brain_mask")]),
@@ -143,28 +144,41 @@ def init_participant_wf(*, subject_inputs: SubjectInputs, config: Config, stage_
     return wf
 
 
+def target_groups(si: SubjectInputs, config: Config) -> list[list[TargetInput]]:
+    """The target workflows to build: one stack each, or with ``--fuse-stacks`` the groups of
+    :func:`~atlasgs_bids.bids.layout.fusion_groups`; the report lists the stacks in this order."""
+    if config.fit.fuse_stacks:
+        return fusion_groups(si.targets)
+    return [[t] for t in si.targets]
+
+
 def _connect_report(wf: pe.Workflow, si: SubjectInputs, config: Config, target_wfs: list[pe.Workflow],
                     reorient: pe.Node, brain_mask: pe.Node, outputnode: pe.Node, stage_dir: str) -> None:
-    """The ``subject_report`` node: every target workflow's outputs (in ``si.targets`` order) -> figures, QC
-    records and ``sub-X.html``, staged in ``stage_dir`` (committed with the other derivatives on success)."""
+    """The ``subject_report`` node: every target workflow's outputs (one entry per stack, in
+    :func:`target_groups` order) -> figures, QC records and ``sub-X.html``, staged in ``stage_dir`` (committed with
+    the other derivatives on success)."""
     from atlasgs_bids.interfaces.reports import SubjectReport
     from atlasgs_bids.version import __version__
 
+    stacks = [t for group in target_groups(si, config) for t in group]
     report = pe.Node(SubjectReport(
         subject=si.subject, session=si.session or "", stage_dir=stage_dir, output_dir=str(config.execution.output_dir),
-        version=__version__, methods=methods_text(wf), target_files=[str(t.path) for t in si.targets],
-        modalities=[t.modality for t in si.targets]), name="subject_report")
+        version=__version__, methods=methods_text(wf), target_files=[str(t.path) for t in stacks],
+        modalities=[t.modality for t in stacks]), name="subject_report")
     wf.connect([(reorient, report, [("out_file", "t1w_preproc")]), (brain_mask, report, [("out_file", "brain_mask")]),
                 (report, outputnode, [("out_report", "report")])])
     fields = {"target_ref": "target_refs", "target2t1w_xfm": "xfms", "harmonized": "harmonized",
               "sidecar": "sidecars", "qc_json": "qc_jsons", "residual": "residuals"}
     for out_field, in_field in fields.items():
-        merge = pe.Node(niu.Merge(len(target_wfs)), name=f"merge_report_{in_field}")
+        # a fused group contributes a list (one item per stack): flattened in order
+        merge = pe.Node(niu.Merge(len(target_wfs), ravel_inputs=True), name=f"merge_report_{in_field}")
         for i, twf in enumerate(target_wfs, start=1):
             wf.connect(twf, f"outputnode.{out_field}", merge, f"in{i}")
         wf.connect(merge, "out", report, in_field)
     # SD maps come from some targets only (not from series, not with --no-uncertainty): named, not positional
-    with_sd = [(t, twf) for t, twf in zip(si.targets, target_wfs) if writes_sd_map(t, config)]
+    # (a fused group's map is the reference stack's entry's)
+    with_sd = [(group[0], twf) for group, twf in zip(target_groups(si, config), target_wfs)
+               if writes_sd_map(group[0], config)]
     if with_sd:
         report.inputs.sd_targets = [str(t.path) for t, _ in with_sd]
         merge = pe.Node(niu.Merge(len(with_sd)), name="merge_report_sd_maps")
