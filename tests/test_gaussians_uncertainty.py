@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from scipy.ndimage import gaussian_filter
 
 from atlasgs_bids.gaussians.appearance import AppearanceOptions, fit_appearance
 from atlasgs_bids.gaussians.linear import fit_coefficients
@@ -21,18 +20,9 @@ from atlasgs_bids.gaussians.uncertainty import laplacian_factor, posterior_sampl
 from atlasgs_bids.harmonize import HarmonizeOptions, harmonize
 from atlasgs_bids.imaging.acquisition import simulate_thick_slices
 from atlasgs_bids.qc.calibration import Z95, coverage, fit_scale
+from conftest import tissue_images
 
-_THREADS: list[int] = []
-
-
-def setup_module() -> None:
-    """One torch thread here (shared 2-core machines; results do not depend on it), restored afterwards."""
-    _THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-def teardown_module() -> None:
-    torch.set_num_threads(_THREADS.pop())
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _phantom(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,8 +35,7 @@ def _phantom(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.nd
     label[r < 0.95] = 1
     label[r < 0.6] = 2
     label[blob < 0.22] = 3
-    t1 = gaussian_filter(np.array([0.0, 0.6, 1.0, 0.25])[label], 0.6) * 1000.0
-    t2 = gaussian_filter(np.array([0.0, 0.7, 0.4, 1.0])[label], 0.6) * 800.0
+    t1, t2 = tissue_images(label)
     affine = np.eye(4)
     affine[:3, 3] = -centre
     return t1.astype(np.float32), t2.astype(np.float32), r < 1.0, affine
