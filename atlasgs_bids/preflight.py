@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atlasgs_bids.bids.layout import fusion_groups
 from atlasgs_bids.config import Config, estimate_peak_memory_gb
 from atlasgs_bids.errors import InputError
 
@@ -42,11 +43,13 @@ def check_memory(inputs, config: Config) -> float:
     for si in inputs:
         try:
             t1w = nib.load(str(si.t1w))
-            targets = tuple(int(np.prod(nib.load(str(t.path)).shape)) for t in si.targets)
+            groups = fusion_groups(si.targets) if config.fit.fuse_stacks else [[t] for t in si.targets]
+            targets = tuple(sum(int(np.prod(nib.load(str(t.path)).shape)) for t in g) for g in groups)
         except Exception as exc:  # discovery read these headers already; a file changed under us
             raise InputError(f"{si.t1w.parent}: cannot read an image header ({exc})") from None
         mm3 = float(abs(np.linalg.det(np.asarray(t1w.affine)[:3, :3])))
-        need = estimate_peak_memory_gb(int(np.prod(t1w.shape[:3])), mm3, targets, config.resources.nprocs)
+        need = estimate_peak_memory_gb(int(np.prod(t1w.shape[:3])), mm3, targets, config.resources.nprocs,
+                                       stacks=tuple(len(g) for g in groups))
         LOGGER.debug("%s: estimated peak memory %.1f GB", si.label, need)
         if need > worst:
             worst, worst_label = need, si.label
