@@ -90,5 +90,14 @@ def demo_summary(info: SampleInfo, deriv: Path) -> str:
     for name, pred in rows:
         lines.append(f"  {name:<{width}} {metrics.psnr(pred, truth, mask):>10.2f} "
                      f"{metrics.mae(pred, truth, mask):>10.3f} {metrics.mae(pred, truth, edge):>10.3f}")
+    stacks = [info.t2w, info.t2w_coronal] if info.t2w_coronal else [info.t2w]
+    sd_path = deriv / bd.sd_output(stacks if len(stacks) > 1 else stacks[0])
+    if sd_path.is_file():  # the calibrated posterior SD map (absent with --no-uncertainty)
+        sd = nib.load(str(sd_path)).get_fdata(dtype=np.float32)
+        seen = mask & (sd > 0)
+        covered = float(np.mean(np.abs(ours - truth)[seen] <= 1.96 * sd[seen])) if seen.any() else float("nan")
+        lines += ["", f"  SD map:       {sd_path}",
+                  f"                median {float(np.median(sd[seen])):.2f}; {100 * covered:.1f} % of the brain voxels "
+                  "within 1.96 SD of the truth (calibrated: about 95 %)"]
     return "\n".join(lines)
 
