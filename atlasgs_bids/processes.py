@@ -108,14 +108,19 @@ def pin_native_seeds(seed: int, environ: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def interrupt_signals() -> Iterator[None]:
     """While the body runs (main thread only), SIGTERM raises :class:`Terminated` instead of killing the process
-    outright, so a scheduler's or ``docker stop``'s SIGTERM cleans up like Ctrl-C. The old handler is restored."""
+    outright, so a scheduler's or ``docker stop``'s SIGTERM cleans up like Ctrl-C; and SIGINT raises
+    ``KeyboardInterrupt`` even when the process started with it ignored (a shell starts a background job, ``cmd &``,
+    with SIGINT ignored, so ``kill -INT`` did nothing and the run went on to the end). The old handlers are
+    restored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)

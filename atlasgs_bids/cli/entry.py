@@ -16,7 +16,7 @@ from atlasgs_bids.cli.parser import build_config, build_index_parser, parse_args
 from atlasgs_bids.cli.run import root_cause, run_group_level, run_participant_level
 from atlasgs_bids.errors import InputError
 from atlasgs_bids.preflight import describe_os_error
-from atlasgs_bids.processes import Terminated, pin_native_seeds, sigterm_as_interrupt
+from atlasgs_bids.processes import Terminated, pin_native_seeds, interrupt_signals
 from atlasgs_bids.version import __version__
 
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = build_config(opts)
         LOGGER.info("atlasgs-bids %s: %s level on %s -> %s", __version__, config.execution.analysis_level,
                     config.execution.bids_dir, config.execution.output_dir)
-        with sigterm_as_interrupt():
+        with interrupt_signals():
             if config.execution.analysis_level == "participant":
                 return run_participant_level(config, log)
             return run_group_level(config)
