@@ -190,6 +190,7 @@ SD_METHOD = (f"posterior SD of the stage-2 linear model (its penalty read as a G
              "of the residuals on the target's own held-out slices lie within 1.96 SD (noise included there, not in "
              "the map) (ADR 0008)")
 
+
 def _acquisition_record(used: Acquisition, header: Acquisition, slice_thickness: float | None) -> dict:
     """JSON record of the slice profile a stack was fitted through (``used``: maybe chosen from the data) beside
     its header's."""

@@ -70,6 +70,14 @@ def _row(method: str, stacks: list[str], scores: dict, seconds: float, params: d
             "seconds": round(float(seconds), 2), "params": params or {}}
 
 
+def check_settings(n_stacks: int, snr: float) -> None:
+    """An :class:`InputError` naming the option unless ``n_stacks`` is 2..3 and ``snr`` is positive."""
+    if not 2 <= n_stacks <= len(STACKS):
+        raise InputError(f"--stacks must be between 2 and {len(STACKS)}, got {n_stacks}")
+    if not np.isfinite(snr) or snr <= 0:
+        raise InputError(f"the fusion SNR must be positive, got {snr}")
+
+
 def run_fusion(data_dir: Path, out: Path, *, factor: int = 5, snr: float = 30.0, quality: str = "default",
                device: str = "cpu", seed: int = 0, crop: int | None = None, n_stacks: int = 3,
                machine: dict | None = None, command: str = "atlasgs-bids bench --fusion") -> dict:
@@ -78,10 +86,7 @@ def run_fusion(data_dir: Path, out: Path, *, factor: int = 5, snr: float = 30.0,
     from atlasgs_bids.harmonize import HarmonizeOptions, harmonize_stacks
     from atlasgs_bids.imaging.registration import align_to_t1w
 
-    if not 2 <= n_stacks <= len(STACKS):
-        raise InputError(f"--stacks must be between 2 and {len(STACKS)}, got {n_stacks}")
-    if not np.isfinite(snr) or snr <= 0:
-        raise InputError(f"the fusion SNR must be positive, got {snr}")
+    check_settings(n_stacks, snr)
     out.mkdir(parents=True, exist_ok=True)
     subject = cases.load_subject(data_dir, crop=crop)
     specs = STACKS[:n_stacks]

@@ -480,6 +480,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--factors must be positive integers, got {args.factors}")
     if getattr(args, "volumes", 1) < 1:
         raise InputError(f"--volumes must be a positive integer (1: no series), got {args.volumes}")
+    if getattr(args, "registration", False) and args.cases < 1:
+        raise InputError(f"--cases must be a positive integer, got {args.cases}")
+    fusion_snr = (args.noise or [30.0])[0]  # --fusion: the first --noise SNR, 30 by default
+    if getattr(args, "fusion", False):  # refused before the output folder is made
+        from atlasgs_bids.bench.fusion import check_settings
+
+        check_settings(args.stacks, fusion_snr)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = resolve_device(args.device)
@@ -488,8 +495,6 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "registration", False):
         from atlasgs_bids.bench.registration import run_suite
 
-        if args.cases < 1:
-            raise InputError(f"--cases must be a positive integer, got {args.cases}")
         report = run_suite(Path(args.data), out, n_cases=args.cases, seed=args.seed, psnr=args.psnr,
                            machine=machine_info(), command=getattr(args, "command_line", None) or _command_line())
         LOG.info("wrote %s: %s", out / "registration.md", report["summary"])
@@ -504,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "fusion", False):
         from atlasgs_bids.bench.fusion import run_fusion
 
-        report = run_fusion(Path(args.data), out, factor=args.factors[0], snr=(args.noise or [30.0])[0],
+        report = run_fusion(Path(args.data), out, factor=args.factors[0], snr=fusion_snr,
                             quality=args.quality, device=device, seed=args.seed, crop=args.crop,
                             n_stacks=args.stacks, machine=machine_info(),
                             command=getattr(args, "command_line", None) or _command_line())

@@ -52,8 +52,8 @@ def demo_summary(info: SampleInfo, deriv: Path) -> str:
     from atlasgs_bids.imaging.transforms import read_itk_affine, rotation_angle_deg
 
     # with the coronal stack fused, the output drops the entity the stacks differ by: the axial stack's name
-    ours_path = deriv / (bd.fused_target_output([info.t2w, info.t2w_coronal]) if info.t2w_coronal else
-                         bd.target_output(info.t2w))
+    stacks = [info.t2w, info.t2w_coronal] if info.t2w_coronal else [info.t2w]
+    ours_path = deriv / bd.fused_target_output(stacks)
     xfm_path = deriv / bd.xfm_output(info.t2w)
     truth_img = nib.load(str(info.truth_t2w))
     truth = truth_img.get_fdata(dtype=np.float32)
@@ -90,8 +90,7 @@ def demo_summary(info: SampleInfo, deriv: Path) -> str:
     for name, pred in rows:
         lines.append(f"  {name:<{width}} {metrics.psnr(pred, truth, mask):>10.2f} "
                      f"{metrics.mae(pred, truth, mask):>10.3f} {metrics.mae(pred, truth, edge):>10.3f}")
-    stacks = [info.t2w, info.t2w_coronal] if info.t2w_coronal else [info.t2w]
-    sd_path = deriv / bd.sd_output(stacks if len(stacks) > 1 else stacks[0])
+    sd_path = deriv / bd.sd_output(stacks)
     if sd_path.is_file():  # the calibrated posterior SD map (absent with --no-uncertainty)
         sd = nib.load(str(sd_path)).get_fdata(dtype=np.float32)
         seen = mask & (sd > 0)

@@ -488,14 +488,13 @@ def fit_stacks(
     )
     for i, gain in enumerate(info["gains"], start=1):  # g y_s ~ A c: the stack's map gains g (first volume's)
         maps[i] = IntensityScale(offset=0.0, scale=maps[i].scale / float(gain[0]))
-        ys[i] = ys[i] * float(gain[0])
-    fits = []
-    for st, m, mp, w, yy in zip(stacks, measured, maps, weights, ys):
-        pred = m.a_mat.matmul(coeffs)
-        resid = (m.y_raw - np.asarray(mp.invert(pred.cpu().numpy()), dtype=np.float32)).astype(np.float32)
+    fits, preds = [], []
+    for st, m, mp, w in zip(stacks, measured, maps, weights):
+        preds.append(m.a_mat.matmul(coeffs))
+        resid = (m.y_raw - np.asarray(mp.invert(preds[-1].cpu().numpy()), dtype=np.float32)).astype(np.float32)
         fits.append(StackFit(vox2t1w=m.vox2t1w, shape=tuple(st.acquisition.shape), acquisition=st.acquisition,
                              intensity=mp, ijk=m.ijk.astype(np.int32), residual=resid, weight=w, noise_sigma=m.sigma))
-    resid_ref = ys[0] - ref_m.a_mat.matmul(coeffs)
+    resid_ref = ys[0] - preds[0]  # normalised units
     seconds = time.perf_counter() - t0
     draws = posterior_samples(a_mat, basis, lap, lams, info["preconditioner"]) if posterior else None
     diagnostics = {

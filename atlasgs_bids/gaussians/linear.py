@@ -93,9 +93,11 @@ def fit_coefficients(
         norm = y[start:stop].norm(dim=0)
         if bool((norm > 0).all()):
             blocks.append((start, stop, y[start:stop] / norm[None, :], norm))
-    fixed = torch.ones(y.shape[0], 1, dtype=y.dtype, device=device)
-    for start, stop, _, _ in blocks:
-        fixed[start:stop] = 0.0
+    fixed = None  # rows whose gain is fixed (1) or free (0), when any is free
+    if blocks:
+        fixed = torch.ones(y.shape[0], 1, dtype=y.dtype, device=device)
+        for start, stop, _, _ in blocks:
+            fixed[start:stop] = 0.0
 
     def data_term(c: torch.Tensor) -> torch.Tensor:
         """``(I - sum_b P_b) A c``: the forward prediction, minus its component along each free block's data."""
@@ -122,7 +124,7 @@ def fit_coefficients(
         reg_diag = reg_diag + lam_col * laplacian.diagonal().to(device)[None, :]
     diag = basis_t**2 * col_sq[None, :] + reg_diag
     precond = 1.0 / diag.reshape(-1).clamp_min(1e-8)  # Jacobi: the scaling of the bounded refinement
-    rhs = adjoint(y * fixed)
+    rhs = adjoint(y if fixed is None else y * fixed)  # a free-gain block adds no right-hand side
     if extra_rhs is not None:
         rhs.add_(extra_rhs.to(device))
     x0 = None if v0 is None else v0.permute(1, 0, 2).reshape(-1, n_vol).contiguous()

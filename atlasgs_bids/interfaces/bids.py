@@ -127,17 +127,22 @@ def target_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_referenc
     return out
 
 
-class _SidecarInputSpec(BaseInterfaceInputSpec):
+class _OutputSidecarInputSpec(BaseInterfaceInputSpec):
+    """What every sidecar of a target's outputs (the harmonised image, its SD map) is built from."""
+
     meta = traits.Dict(usedefault=True, desc="source sidecar metadata")
     sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of the inputs")
     spatial_reference = traits.Str(mandatory=True, desc="BIDS URI of the output grid (the preprocessed T1w)")
     modality = traits.Str(mandatory=True, desc="target suffix")
+    appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON")
+    version = traits.Str(mandatory=True, desc="atlasgs-bids version")
+
+
+class _SidecarInputSpec(_OutputSidecarInputSpec):
     parameters = traits.Dict(usedefault=True, desc="method parameters (quality, seed, ...)")
     registration_report = File(exists=True, mandatory=True, desc="RigidRegistration JSON")
-    appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON")
     qc_file = File(exists=True, desc="TargetQC JSON (metrics and flags)")
     device = traits.Str("cpu", usedefault=True, desc="torch device used")
-    version = traits.Str(mandatory=True, desc="atlasgs-bids version")
 
 
 class _SidecarOutputSpec(TraitedSpec):
@@ -194,13 +199,8 @@ def sd_sidecar(*, meta: dict[str, Any], sources: list[str], spatial_reference: s
     return out
 
 
-class _SDSidecarInputSpec(BaseInterfaceInputSpec):
-    meta = traits.Dict(usedefault=True, desc="source sidecar metadata")
-    sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs: the harmonised output, then its inputs")
-    spatial_reference = traits.Str(mandatory=True, desc="BIDS URI of the output grid (the preprocessed T1w)")
-    modality = traits.Str(mandatory=True, desc="target suffix")
-    appearance_report = File(exists=True, mandatory=True, desc="Harmonize JSON (its 'uncertainty' record)")
-    version = traits.Str(mandatory=True, desc="atlasgs-bids version")
+class _SDSidecarInputSpec(_OutputSidecarInputSpec):
+    """``sources``: the harmonised output, then its inputs; ``appearance_report``: its 'uncertainty' record."""
 
 
 class _SDSidecarOutputSpec(TraitedSpec):

@@ -103,14 +103,12 @@ def calibrate_sd(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition,
     vol = vol[..., 0] if vol.ndim == 4 else vol
     axis = int(acquisition.slice_axis)
     eligible = fit_voxels(scaffold, acquisition, target2t1w, opts)
-    counts = np.bincount(eligible[:, axis], minlength=vol.shape[axis]) if len(eligible) else np.zeros(1)
-    slab = tuning.tuning_slab(counts, tuning.qc_slices(counts)) if len(eligible) >= 100 else None
+    slab = tuning.heldout_slab(eligible, vol.shape, acquisition) if len(eligible) >= 100 else None
     if slab is None:
         return SDCalibration(scale=1.0, calibrated=False, noise_sigma=noise_sigma,
                              seconds=time.perf_counter() - t0,
                              reason="no slab of brain slices outside the QC self-validation slabs: uncalibrated")
-    held, (first, last) = slab
-    region = tuning.inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, tuning.BOX_MM)
+    held, (first, last), region = slab
     eligible = eligible[region[tuple(eligible.T)]]
     vox2t1w = target_vox2t1w(acquisition, target2t1w)
     sub = selfval.heldout_scaffold(scaffold, vox2t1w, axis, (first, last), region)

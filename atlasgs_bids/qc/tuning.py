@@ -117,6 +117,21 @@ def tuning_slab(counts: np.ndarray, excluded: np.ndarray, *, n_heldout: int = TU
     return held, (best, best + length - 1)
 
 
+def heldout_slab(eligible: np.ndarray, shape: tuple[int, ...], acquisition: Acquisition, *, box_mm: float = BOX_MM,
+                 qc_every: int = selfval.EVERY, qc_max_heldout: int = selfval.MAX_HELDOUT,
+                 qc_margin: int = selfval.MARGIN) -> tuple[list[int], tuple[int, int], np.ndarray] | None:
+    """The held-out slab of a target outside every QC slab (:func:`tuning_slab`): its held-out slices, its (first,
+    last) slices and its in-plane region (:func:`inplane_box`, (I, J, K) bool); None when there is none.
+    ``eligible`` [E, 3]: the target voxels of the brain-mask rule (:func:`fit_voxels`)."""
+    axis = int(acquisition.slice_axis)
+    counts = np.bincount(eligible[:, axis], minlength=shape[axis])
+    slab = tuning_slab(counts, qc_slices(counts, every=qc_every, max_heldout=qc_max_heldout, margin=qc_margin))
+    if slab is None:
+        return None
+    held, (first, last) = slab
+    return held, (first, last), inplane_box(eligible, shape, axis, acquisition.zooms, first, last, box_mm)
+
+
 def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition, target2t1w: np.ndarray,
                     options: AppearanceOptions, *, box_mm: float = BOX_MM, qc_every: int = selfval.EVERY,
                     qc_max_heldout: int = selfval.MAX_HELDOUT, qc_margin: int = selfval.MARGIN,
@@ -163,14 +178,12 @@ def tune_appearance(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisiti
     lam_c = noise_set_lambda(options.lam, sigma_n)
     record.update(noise_sigma=sigma, noise_sigma_normalised=sigma_n, lam_centre=lam_c)
 
-    counts = np.bincount(eligible[:, axis], minlength=vol.shape[axis])
-    excluded = qc_slices(counts, every=qc_every, max_heldout=qc_max_heldout, margin=qc_margin)
-    slab = tuning_slab(counts, excluded)
+    slab = heldout_slab(eligible, vol.shape, acquisition, box_mm=box_mm, qc_every=qc_every,
+                        qc_max_heldout=qc_max_heldout, qc_margin=qc_margin)
     if slab is None:
         record["reason"] = "no slab of brain slices outside the QC self-validation slabs"
         return replace(base, lam=lam_c), acquisition, record
-    held, (first, last) = slab
-    region = inplane_box(eligible, vol.shape, axis, acquisition.zooms, first, last, box_mm)
+    held, (first, last), region = slab
     record.update(heldout_slices=held, fit_slices=[first, last], box_mm=box_mm)
 
     tried: list[dict] = []

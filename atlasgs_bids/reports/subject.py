@@ -197,9 +197,9 @@ def load_entries(roots: Sequence[str | os.PathLike], subject: str) -> list[Targe
             entry = TargetEntry(stem=stem, session=ents.get("ses"), modality=suffix, qc=qc)
             # a fused stack's sidecar is its group's output's (qc.json names it)
             fused = (qc.get("parameters") or {}).get("fused_output")
-            sidecar_rel = bd.target_output(stem + ".nii.gz", extension=".json") if not fused else \
-                bd.target_output(stem + ".nii.gz", extension=".json").with_name(
-                    fused.replace(".nii.gz", ".json"))
+            sidecar_rel = bd.target_output(stem + ".nii.gz", extension=".json")
+            if fused:
+                sidecar_rel = sidecar_rel.with_name(fused.replace(".nii.gz", ".json"))
             for r in roots:
                 if (r / sidecar_rel).is_file():
                     entry.sidecar = json.loads((r / sidecar_rel).read_text())
