@@ -120,12 +120,17 @@ def test_sd_map_is_calibrated_on_a_known_truth(calibrated_phantom):
     sd = np.asarray(result.sd.dataobj)
     pred = np.asarray(result.image.dataobj)
     cal = result.diagnostics["uncertainty"]["calibration"]
-    assert cal["calibrated"] and cal["n_heldout"] > 100
+    assert cal["n_heldout"] > 100
+    # Since ADR 0011 the held-out residuals of this phantom lie within the noise alone (the prediction error is below
+    # the noise SD): they cannot set the scale, so the posterior's own (k = 1) is kept and said. A zero map, what
+    # the quantile gives there, would claim an exact output.
+    assert not cal["calibrated"] and cal["scale"] == 1.0 and "noise alone" in cal["reason"]
     inside = mask & (sd > 0)
+    assert inside.sum() > 0.9 * mask.sum()
     share = np.mean(np.abs(pred - t2)[inside] <= Z95 * sd[inside])
-    # calibrated on 328 held-out voxels only, never on this truth; measured 0.985 (the goal on the benchmark is
-    # [0.90, 0.98]; this phantom's slab lies at the ellipsoid's tip)
-    assert 0.90 <= share <= 0.99, share
+    # never fitted on this truth; the posterior's own scale errs on the safe side: measured 0.997 (0.985 before
+    # ADR 0011, with k fitted on 328 held-out voxels; the goal on the benchmark is [0.90, 0.98])
+    assert 0.95 <= share < 1.0, share
     assert result.diagnostics["sd_median"] == pytest.approx(float(np.median(sd[mask & (sd > 0)])), rel=0.05)
 
 

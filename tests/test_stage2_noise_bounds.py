@@ -143,11 +143,27 @@ def test_no_negative_voxel_and_no_overshoot(noisy_gapped) -> None:
     assert app.diagnostics["bounds"]["rounding"] < 1e-5  # only float32 rounding is snapped onto the bounds
 
 
-def test_unbounded_fit_would_go_negative_here(noisy_gapped) -> None:
-    """The case above is a real test: without the bounds and the weight floor the same fit goes negative."""
-    _, thick, _, _, mask, _ = noisy_gapped
-    out, _ = _fit_render(noisy_gapped, w_floor=0.0, **UNBOUNDED)
-    assert out[mask].min() < 0.0
+def test_bounds_hold_where_the_unbounded_solve_goes_negative(noisy_gapped) -> None:
+    """A real test of the bounds: with a narrow edge bandwidth (h = 0.02, many Gaussians nearly cut off from the
+    graph) and no floor, the unbounded fit of the same data goes negative; the bounded one does not."""
+    _, _, _, _, mask, _ = noisy_gapped
+    unbounded, _ = _fit_render(noisy_gapped, w_floor=0.0, h=0.02, **UNBOUNDED)
+    bounded, _ = _fit_render(noisy_gapped, w_floor=0.0, h=0.02)
+    assert unbounded[mask].min() < 0.0  # measured -322
+    assert bounded[mask].min() >= 0.0  # measured 65
+
+
+def test_full_neighbourhood_graph_has_no_runaway_between_gapped_slices(noisy_gapped) -> None:
+    """ADR 0011: with a Gaussian's 26 lattice neighbours in the graph, a Gaussian whose T1w differs from its 6 face
+    neighbours keeps edges to the others, and the unbounded fit stays positive where the 6-neighbour graph (the
+    earlier default, k = 6, h = 0.05, lam_ratio = 1) runs away between the gapped slices."""
+    _, _, _, t2, mask, _ = noisy_gapped
+    face, _ = _fit_render(noisy_gapped, w_floor=0.0, k_neighbours=6, h=0.05, lam_ratio=1.0, **UNBOUNDED)
+    full, _ = _fit_render(noisy_gapped, w_floor=0.0, **UNBOUNDED)
+    assert face[mask].min() < -1000.0  # measured -3,784
+    assert full[mask].min() > 0.0  # measured 45
+    err = {name: float(np.sqrt(np.mean((out[mask] - t2[mask]) ** 2))) for name, out in (("face", face), ("full", full))}
+    assert err["full"] < err["face"]
 
 
 def test_weight_floor_keeps_every_gaussian_coupled(noisy_gapped) -> None:

@@ -9,9 +9,10 @@ With the geometry frozen, a target voxel's measurement is linear in the per-Gaus
 
 by preconditioned conjugate gradients on the normal equations (block Jacobi + a coarse-grid correction, ADR 0007),
 then a projected-gradient refinement that enforces the bounds (ADR 0005). L is the graph Laplacian of the
-Gaussians' k-nearest-neighbour graph with weights
-``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * (d0 / d_ij)^2``: smooth inside a tissue, nearly free
-across T1w edges (t1 normalised to its 99th percentile in the mask; d0 the median neighbour distance); the floor
+Gaussians' k-nearest-neighbour graph (k = 26: a lattice node's 3 x 3 x 3 neighbourhood) with weights
+``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * g (d0 / d_ij)^2``: smooth inside a tissue, nearly free
+across T1w edges (t1 normalised to its 99th percentile in the mask; d0 the median neighbour distance; g scales a
+Gaussian's total geometric weight to that of 6 face neighbours, so lambda means the same for any k); the floor
 keeps a Gaussian that differs from all its neighbours (a vessel, a sulcus, T1w noise) coupled to them, so the solve
 has no near-null direction there. The bounds: every amplitude >= 0 (the field is a sum of non-negative Gaussians, so
 the output is >= 0 everywhere) for a magnitude image, and each Gaussian's intensity at most ``U = upper x`` the
@@ -48,12 +49,14 @@ class AppearanceOptions:
 
     lam : regularisation weight lambda (dimensionless; data and penalty are both in normalised intensity^2)
     h : T1w edge bandwidth of the Laplacian weights, in normalised T1w units (0.1 = 10 % of the 99th percentile)
-    k_neighbours : neighbours per Gaussian in the graph
+    k_neighbours : neighbours per Gaussian in the graph (26: a lattice node's whole 3 x 3 x 3 neighbourhood, a
+        nearly isotropic smoothness; 6, the face neighbours, penalises oblique edges less; ADR 0011)
     max_iter, tol : conjugate-gradient stopping rule (relative residual)
     min_mask_fraction : target voxels whose PSF lies less than this much inside the brain mask are not fitted
         (they see tissue the scaffold does not model, e.g. skull)
     basis : "affine" (intensity + T1w-proportional channel per Gaussian, the default; ADR 0002) or "intensity"
-    lam_ratio : lambda of the T1w-proportional channel relative to ``lam``
+    lam_ratio : lambda of the T1w-proportional channel relative to ``lam`` (10: its gain on the T1w varies slowly,
+        so the T1w's detail enters at a locally constant scale and local disagreements go to the intensity channel)
     w_floor : floor of the T1w-similarity factor of every Laplacian weight, in [0, 1): a Gaussian whose T1w differs
         from all its neighbours by more than ``h`` keeps this much coupling to them (ADR 0005)
     h_noise : the edge bandwidth used is ``max(h, h_noise * sigma_t1)``, sigma_t1 the T1w noise SD estimated on the
@@ -72,13 +75,13 @@ class AppearanceOptions:
     """
 
     lam: float = 0.003
-    h: float = 0.05
-    k_neighbours: int = 6
+    h: float = 0.04
+    k_neighbours: int = 26
     max_iter: int = 400
     tol: float = 1e-5
     min_mask_fraction: float = 0.5
     basis: str = "affine"
-    lam_ratio: float = 1.0
+    lam_ratio: float = 10.0
     w_floor: float = 0.0
     h_noise: float = 0.0
     nonnegative: bool = True
@@ -285,28 +288,44 @@ def scaffold_neighbours(scaffold: Scaffold, k: int) -> tuple[np.ndarray, np.ndar
     return scaffold.cached(f"neighbours:{k}", compute)
 
 
+#: Total geometric edge weight per Gaussian the Laplacian is scaled to (:func:`t1_laplacian`): a lattice node's 6
+#: face neighbours, the graph lambda was first tuned on.
+LAPLACIAN_REFERENCE_DEGREE = 6.0
+
+
 def t1_laplacian(scaffold: Scaffold, *, h: float, k: int, device: torch.device, w_floor: float = 0.0,
                  neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> SparseMatrix:
     """Sparse graph Laplacian [N, N] (float32) of the scaffold's kNN graph with T1w-similarity weights.
 
-    Edge weight ``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * (d0 / d_ij)^2``: t1 normalised T1w, h in
-    its units, d0 the median nearest-neighbour distance (mm). ``neighbours``: :func:`scaffold_neighbours`' output,
-    when already computed.
+    Edge weight ``(w_floor + (1 - w_floor) exp(-(t1_i - t1_j)^2 / h^2)) * g (d0 / d_ij)^2``: t1 normalised T1w, h in
+    its units, d0 the median nearest-neighbour distance (mm), g the scale that makes the median Gaussian's total
+    geometric weight :data:`LAPLACIAN_REFERENCE_DEGREE` (k = 26 on a lattice: g = 6 / 14.67). ``neighbours``:
+    :func:`scaffold_neighbours`' output, when already computed.
     """
     dist, nbr = neighbours if neighbours is not None else scaffold_neighbours(scaffold, k)
-    k = nbr.shape[1]
-    n = scaffold.n_gaussians
+    n, k = nbr.shape
     d0 = float(np.median(dist[:, 0]))
-    t1 = scaffold.t1_values.numpy().astype(np.float64)
-    rows = np.repeat(np.arange(n, dtype=np.int32), k)
-    cols = nbr.reshape(-1).astype(np.int32)
-    sim = w_floor + (1.0 - w_floor) * np.exp(-((t1[rows] - t1[cols]) ** 2) / h**2)
-    w = (sim * (d0 / np.maximum(dist.reshape(-1), 0.1 * d0)) ** 2).astype(np.float32)
+    t1 = scaffold.t1_values.numpy().astype(np.float32)
+    geo = (d0 / np.maximum(dist, 0.1 * d0)).astype(np.float32) ** 2  # [N, k]
+    # Scaled so that a Gaussian's total geometric weight is that of the 6 face neighbours of a lattice node (6 at
+    # spacing d0): lambda then means the same for any k (ADR 0011); k = 6 on a lattice is unchanged.
+    geo *= np.float32(LAPLACIAN_REFERENCE_DEGREE / float(np.median(geo.sum(axis=1))))
+    w = np.exp(-((t1[:, None] - t1[nbr]) ** 2) / np.float32(h**2))
+    if w_floor:
+        w = np.float32(w_floor) + np.float32(1.0 - w_floor) * w
+    w *= np.float32(0.5) * geo
+    del geo
     # Symmetrise, (W + W^T) / 2: an edge found from both ends gets its mean weight, from one end half its weight.
-    # Built in CSR directly (float32, int32 indices): the COO triplets of both directions cost ~1 GB at 1 mm.
-    half = sp.csr_matrix((0.5 * w, (rows, cols)), shape=(n, n))
-    sym = (half + half.T).tocsr()
-    lap = (sp.diags(np.asarray(sym.sum(axis=1), dtype=np.float32).ravel()) - sym).tocsr()
+    # W is built in CSR from its rows as they are (k per Gaussian), float32 with int32 indices: at k = 26 and 1 mm
+    # each copy is ~0.45 GB, so no COO triplets and no float64.
+    half = sp.csr_matrix((w.reshape(-1), nbr.reshape(-1).astype(np.int32, copy=False),
+                          np.arange(0, n * k + 1, k, dtype=np.int64)), shape=(n, n))
+    del w
+    sym = (half + half.T.tocsr()).tocsr()
+    del half
+    degree = np.asarray(sym.sum(axis=1), dtype=np.float32).ravel()
+    sym.data *= np.float32(-1.0)
+    lap = (sym + sp.diags(degree, format="csr")).tocsr()
     return SparseMatrix.from_scipy(lap, device, symmetric=True)
 
 

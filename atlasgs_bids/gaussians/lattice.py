@@ -224,7 +224,8 @@ def operator(lattice: Lattice, points_vox: np.ndarray, kerns: list[Kernel], *, c
 
 def neighbours(lattice: Lattice, k: int, *, reach: int = 2,
                chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each Gaussian's ``k`` nearest other Gaussians from the node index: distances [N, k] (world mm) and indices.
+    """Each Gaussian's ``k`` nearest other Gaussians from the node index: distances [N, k] (world mm, float32) and
+    indices (int32).
 
     Candidates are the nodes within ``reach`` voxels, in order of world distance (ties in C order of the offset);
     returns None when some Gaussian has fewer than ``k`` within reach (an isolated one: the caller's k-d tree then
@@ -246,8 +247,8 @@ def neighbours(lattice: Lattice, k: int, *, reach: int = 2,
     nodes = np.argwhere(index >= 0)
     ids = index[tuple(nodes.T)]
     off_lin = offs @ strides
-    out_nbr = np.empty((len(ids), k), dtype=np.int64)
-    out_dist = np.empty((len(ids), k), dtype=np.float64)
+    out_nbr = np.empty((len(ids), k), dtype=np.int32)  # int32 / float32: k = 26 at 1 mm is 56 M entries each
+    out_dist = np.empty((len(ids), k), dtype=np.float32)
     lin = (nodes + reach) @ strides
     # Most nodes have their k nearest offsets all present (the face neighbours inside the brain): take them as they
     # are when the k-th offset is strictly nearer than the next; search the full neighbourhood for the others.

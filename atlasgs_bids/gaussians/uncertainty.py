@@ -74,12 +74,13 @@ class PosteriorSamples:
 def laplacian_factor(laplacian: SparseMatrix) -> sp.csr_matrix:
     """``G`` [edges, N] with ``G^T G = L`` for a graph Laplacian ``L = diag(W 1) - W``: row ``e = (i, j)`` holds
     ``sqrt(w_ij)`` at ``i`` and ``-sqrt(w_ij)`` at ``j`` (the weighted incidence matrix)."""
-    w = sp.triu(-laplacian.to_scipy().astype(np.float64), k=1).tocoo()
+    w = sp.triu(-laplacian.to_scipy(), k=1).tocoo()  # float32: 29 M edges at k = 26 and 1 mm
     keep = w.data > 0
-    i, j, s = w.row[keep], w.col[keep], np.sqrt(w.data[keep])
-    e = np.arange(len(s))
-    return sp.csr_matrix((np.concatenate([s, -s]), (np.concatenate([e, e]), np.concatenate([i, j]))),
-                         shape=(len(s), laplacian.shape[1]))
+    s = np.sqrt(w.data[keep])
+    # two entries per row, built in CSR directly (no COO triplets of twice the size)
+    return sp.csr_matrix((np.stack([s, -s], axis=1).reshape(-1),
+                          np.stack([w.row[keep], w.col[keep]], axis=1).reshape(-1).astype(np.int32),
+                          np.arange(0, 2 * len(s) + 1, 2, dtype=np.int64)), shape=(len(s), laplacian.shape[1]))
 
 
 def posterior_samples(a_mat: SparseMatrix, basis: torch.Tensor, laplacian: SparseMatrix | None, lams: list[float],

@@ -79,6 +79,8 @@ def fit_scale(residual: np.ndarray, q: np.ndarray, sigma: float, *, target: floa
     """The smallest ``k >= 0`` with ``|r| <= 1.96 sigma sqrt(1 + k^2 q)`` for a share ``target`` of the voxels.
 
     ``residual`` [H] target units, ``q`` [H] read-out variances per unit noise variance, ``sigma`` the noise SD.
+    Returns 0.0 when the noise alone already covers that share: the held-out voxels then cannot tell the
+    prediction's error from the noise (:func:`calibrate_sd` keeps the posterior's own scale, 1, then).
     """
     t = ((np.asarray(residual) / (Z95 * sigma)) ** 2 - 1.0) / np.maximum(np.asarray(q), 1e-30)
     return float(np.sqrt(max(np.quantile(t, target), 0.0)))
@@ -119,13 +121,17 @@ def calibrate_sd(scaffold: Scaffold, data: np.ndarray, acquisition: Acquisition,
     residual = vol[tuple(heldout.T)] - predict(app, acquisition, heldout, device=device)[:, 0]
     q = voxel_variance(sub, app.posterior, vox2t1w, heldout, acquisition, device=device)
     k = fit_scale(residual, q, noise_sigma)
+    reason = None
+    if k <= 0.0:  # a zero map would claim an exact output; the model's own posterior is the honest statement
+        k, reason = 1.0, ("the held-out residuals lie within the noise alone, so they cannot set the scale: the "
+                          "posterior's own scale (1) is kept")
 
     def sd_meas(scale: float) -> np.ndarray:  # SD of a held-out residual: noise plus the prediction's posterior
         return noise_sigma * np.sqrt(1.0 + scale**2 * q)
 
     rho = spearmanr(np.sqrt(q), np.abs(residual)).statistic if len(q) > 2 else float("nan")
-    return SDCalibration(scale=k, calibrated=True, noise_sigma=noise_sigma, n_heldout=int(len(heldout)),
+    return SDCalibration(scale=k, calibrated=reason is None, noise_sigma=noise_sigma, n_heldout=int(len(heldout)),
                          heldout_slices=[int(s) for s in held], fit_slices=[int(first), int(last)],
                          coverage_uncalibrated=coverage(residual, sd_meas(1.0)),
                          coverage=coverage(residual, sd_meas(k)), spearman=float(rho),
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, reason=reason)
