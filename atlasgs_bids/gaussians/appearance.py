@@ -64,7 +64,7 @@ class AppearanceOptions:
     nonnegative : constrain every Gaussian amplitude to >= 0 (the field is then >= 0 everywhere), applied when the
         target is a magnitude image (the 0.1st percentile of its fitted voxels >= 0)
     upper : bound each Gaussian's intensity (amplitude / overlap normaliser) by this multiple of the 99.9th
-        percentile of the fitted measurements; None: no upper bound
+        percentile of the fitted measurements, and the rendered output is clipped there too; None: no upper bound
     bound_iter : projected-gradient iterations after CG that enforce the bounds
     tune : choose the slice profile, ``lam`` and ``w_floor`` from the target's own held-out slices before the fit
         (:func:`atlasgs_bids.qc.tuning.tune_appearance`; seven small extra fits)
@@ -135,6 +135,9 @@ class Appearance:
         target's own units: the data-consistency residual, kept so QC need not rebuild ``A``
     posterior : draws from the posterior of ``coeffs`` per unit noise SD (first volume's model;
         :class:`~atlasgs_bids.gaussians.uncertainty.PosteriorSamples`), None unless fitted with ``posterior=True``
+    intensity_cap : [V] the upper bound of the Gaussian intensities per volume, in the reference's target units
+        (``AppearanceOptions.upper`` x the 99.9th percentile of the fitted measurements); :func:`render` clips the
+        output there. None: no upper bound
     """
 
     scaffold: Scaffold
@@ -148,6 +151,7 @@ class Appearance:
     fitted_residual: np.ndarray | None = None
     posterior: PosteriorSamples | None = None
     stacks: tuple["StackFit", ...] = ()
+    intensity_cap: np.ndarray | None = None
 
     @property
     def n_volumes(self) -> int:
@@ -485,7 +489,7 @@ def fit_stacks(
         y = torch.cat([yy * float(np.sqrt(w)) for yy, w in zip(ys, weights)])
     # the bounds from every stack's values, in the reference's units (one stack: its own values, unchanged)
     y_bounds = ref_m.y_raw if len(measured) == 1 else maps[0].invert(torch.cat(ys).cpu().numpy())
-    lower, upper, bound_info = _amplitude_bounds(y_bounds, maps[0], s, opts)
+    lower, upper, caps, bound_info = _amplitude_bounds(y_bounds, maps[0], s, opts)
     t_build = time.perf_counter() - t0
 
     # Basis channels: c = sum_k basis_k * v_k. "intensity": v is the target's intensity near each Gaussian;
@@ -559,6 +563,7 @@ def fit_stacks(
         fitted_residual=fits[0].residual,
         stacks=tuple(fits),
         posterior=draws,
+        intensity_cap=caps,
     )
 
 
@@ -578,15 +583,15 @@ def noise_set_lambda(lam: float, sigma_normalised: float) -> float:
     return float(max(lam, NOISE_LAM_GAIN * sigma_normalised**2))
 
 
-def _amplitude_bounds(y_raw: np.ndarray, intensity: IntensityScale, s: torch.Tensor,
-                      opts: AppearanceOptions) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+def _amplitude_bounds(y_raw: np.ndarray, intensity: IntensityScale, s: torch.Tensor, opts: AppearanceOptions,
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray | None, dict]:
     """Box on each Gaussian amplitude ``c_i`` (normalised units) from the fitted measurements ``y_raw`` [M, V].
 
     Lower 0 when ``opts.nonnegative`` and the target is a magnitude image (0.1st percentile of ``y_raw`` >= 0).
     Upper ``opts.upper * p99.9(y_raw[:, v]) * s_i`` for volume v: the Gaussian's intensity ``c_i / s_i`` (``s_i``
     the overlap normaliser, so that a region of equal intensities u renders as u) is at most that multiple of what
-    the volume itself measured in all but 0.1 % of its voxels. Returns (lower [N] or None, upper [N, V] or None, a
-    JSON-safe record in target units, the cap of the first volume).
+    the volume itself measured in all but 0.1 % of its voxels. Returns (lower [N] or None, upper [N, V] or None, the
+    caps [V] in target units or None, a JSON-safe record in target units with the cap of the first volume).
     """
     magnitude = bool(np.percentile(y_raw, 0.1) >= 0.0)
     lower = torch.zeros_like(s) if (opts.nonnegative and magnitude) else None
@@ -597,7 +602,7 @@ def _amplitude_bounds(y_raw: np.ndarray, intensity: IntensityScale, s: torch.Ten
         cap = float(caps[0])
         upper = s[:, None] * torch.as_tensor(intensity.apply(caps), dtype=s.dtype, device=s.device)[None, :]
     record = {"lower": 0.0 if lower is not None else None, "upper_intensity": cap, "magnitude_image": magnitude}
-    return lower, upper, record
+    return lower, upper, (None if opts.upper is None else caps.astype(np.float64)), record
 
 
 def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndarray,
