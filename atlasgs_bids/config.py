@@ -210,9 +210,12 @@ MEM_BASE_GB = 1.2
 """Main process, forkserver and one worker with torch, nibabel and ANTs loaded."""
 MEM_WORKER_GB = 0.5
 """Each further worker process fitting a target in parallel (``--nprocs`` > 1)."""
-MEM_PER_BRAIN_VOXEL_B = 1.6e3
-"""Stage 2 (appearance fit + render) per brain voxel of the T1w grid: Gaussians, their neighbour lists, the
-measurement operator (about 18 non-zeros per Gaussian, kept with its transpose), CG vectors."""
+MEM_PER_BRAIN_VOXEL_B = 2.2e3
+"""Stage 2 (appearance fit, SD map, render) per brain voxel of the T1w grid: Gaussians, their 26 neighbours and
+Laplacian (ADR 0011), the measurement operator (about 18 non-zeros per Gaussian, kept with its transpose), CG
+vectors, posterior draws. Measured with the 26-neighbour graph: one x5 target on the 1 mm MNI152 brain (2.15 M
+Gaussians, default preset) raised a process's RSS by 3.38 GB without the SD map and 4.60 GB with it (1.6e3 before
+ADR 0011, without the SD map)."""
 MEM_PER_EXTRA_STACK_B = 820.0
 """Per brain voxel, each stack fused beyond the first (``--fuse-stacks``): its measurement operator and the joint
 one. Measured: fusing three x5 stacks of the 1 mm MNI152 brain (2.08 M brain voxels, ``--quality fast``) raised a
@@ -246,10 +249,10 @@ def estimate_peak_memory_gb(t1w_voxels: int, t1w_voxel_mm3: float, target_voxels
     stacks : tuple of int
         Stacks of each fit (``--fuse-stacks``); default one each.
 
-    >>> round(estimate_peak_memory_gb(99 * 121 * 105, 1.6 ** 3, (115 * 132 * 30,)), 2)  # demo: measured 1.89
-    2.06
-    >>> round(estimate_peak_memory_gb(182 * 218 * 182, 1.0, (182 * 218 * 36,)), 2)  # 1 mm brain, x5: ~4.5 measured
-    4.74
+    >>> round(estimate_peak_memory_gb(99 * 121 * 105, 1.6 ** 3, (115 * 132 * 30,)), 2)  # demo: measured 1.89 (k = 6)
+    2.39
+    >>> round(estimate_peak_memory_gb(182 * 218 * 182, 1.0, (182 * 218 * 36,)), 2)  # 1 mm, x5: 5.2 measured, 1 process
+    6.06
     """
     brain = min(float(t1w_voxels), BRAIN_VOLUME_ML * 1000.0 / max(float(t1w_voxel_mm3), 1e-9))
     k = max(1, min(int(nprocs), len(target_voxels) or 1))

@@ -345,7 +345,7 @@ def test_too_small_mem_gb_refused_before_any_work(pristine, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(pristine, out, "participant", "--skip-bids-validation", *BASE_FLAGS, "--mem-gb", "0.5")
     assert proc.returncode == 2
-    assert_short_message(proc.stderr, "--mem-gb 0.5", "sub-01 needs about 1.4 GB")  # config.estimate_peak_memory_gb
+    assert_short_message(proc.stderr, "--mem-gb 0.5", "sub-01 needs about 1.5 GB")  # config.estimate_peak_memory_gb
     assert not out.exists()
 
 
