@@ -293,3 +293,22 @@ def test_tuning_slab_avoids_every_qc_slab() -> None:
         qc = choose_heldout_slices(counts, seed=seed)
         assert qc[-1] + MARGIN < first or qc[0] - MARGIN > last
     assert tuning_slab(np.full(6, 9), np.ones(6, dtype=bool)) is None
+
+
+def test_thin_target_gets_a_one_slice_tuning_slab_outside_the_qc_slabs() -> None:
+    """x7 of a 1 mm brain: 22 brain slices, the QC slabs take 3..18, so no slab K H K H K is left; one held-out
+    slice between two kept ones is (ADR 0011), outside every QC slab."""
+    from atlasgs_bids.imaging.acquisition import Acquisition
+    from atlasgs_bids.qc.tuning import heldout_slab, qc_slices, tuning_slab
+
+    shape = (20, 20, 26)
+    counts = np.r_[np.full(22, 1), np.zeros(4)].astype(int)
+    excluded = qc_slices(np.where(counts > 0, 400, 0))
+    assert tuning_slab(counts, excluded) is None
+    ii, jj, kk = np.meshgrid(np.arange(20), np.arange(20), np.arange(22), indexing="ij")
+    eligible = np.c_[ii.ravel(), jj.ravel(), kk.ravel()]
+    acq = Acquisition.from_geometry(np.diag([1.0, 1.0, 7.0, 1.0]), shape)
+    held, (first, last), region = heldout_slab(eligible, shape, acq)
+    assert len(held) == 1 and first < held[0] < last and last - first == 2
+    assert not excluded[first:last + 1].any() and counts[first:last + 1].min() > 0
+    assert region.shape == shape and region[..., held[0]].any()

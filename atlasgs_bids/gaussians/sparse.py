@@ -39,6 +39,7 @@ class SparseMatrix:
         """``symmetric``: the triplets describe a symmetric matrix, so the transpose is the matrix itself (kept once)."""
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = torch.device(device)
+        self._views: dict[bool, torch.Tensor | None] = {}  # CPU: torch CSR views for the products, made on first use
         if self.device.type == "cpu":
             mat = sp.csr_matrix(
                 (vals.detach().cpu().numpy().astype(np.float32), (rows.cpu().numpy(), cols.cpu().numpy())),
@@ -62,6 +63,7 @@ class SparseMatrix:
         self = cls.__new__(cls)
         self.shape = (int(mat.shape[0]), int(mat.shape[1]))
         self.device = torch.device(device)
+        self._views = {}
         self.nnz = int(mat.nnz)
         if self.device.type == "cpu":
             self._fwd = mat
@@ -84,6 +86,7 @@ class SparseMatrix:
         self = cls.__new__(cls)
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = torch.device(device)
+        self._views = {}
         self._fwd = torch.sparse_csr_tensor(indptr.long(), indices.long(), vals.float(), self.shape)
         self._adj = self._fwd.t().to_sparse_csr()
         self.nnz = int(vals.numel())
@@ -94,11 +97,10 @@ class SparseMatrix:
         if self.device.type != "cpu":
             return mat @ x
         if x.shape[-1] > 1 or torch.get_num_threads() > 1:
-            views = self.__dict__.setdefault("_views", {})
-            if transpose not in views:
-                views[transpose] = _torch_view(mat)
-            if views[transpose] is not None:
-                return views[transpose] @ x.detach().float().contiguous()
+            if transpose not in self._views:
+                self._views[transpose] = _torch_view(mat)
+            if self._views[transpose] is not None:
+                return self._views[transpose] @ x.detach().float().contiguous()
         return torch.from_numpy(np.ascontiguousarray(mat @ x.detach().numpy()))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

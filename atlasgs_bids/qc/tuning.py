@@ -7,8 +7,8 @@ What fits one target is measured on that target:
 1. Noise. The target's noise SD is estimated from its own slices (:func:`~atlasgs_bids.imaging.noise.noise_sigma_inplane`,
    inside the fitted voxels, normalised like the fit). It sets the centre of the lambda grid:
    ``lam_c`` = :func:`~atlasgs_bids.gaussians.appearance.noise_set_lambda` (``max(options.lam, 100 sigma_n^2)``).
-2. Held-out slices. A slab of ``TUNE_HELDOUT`` held-out slices, every ``TUNE_EVERY``-th, with kept slices around
-   them, in an in-plane box of ``box_mm`` (bounds the cost), chosen OUTSIDE every slab the QC self-validation
+2. Held-out slices. A slab of ``TUNE_HELDOUT`` held-out slices (one when a target of few thick slices leaves no
+   room for more), every ``TUNE_EVERY``-th, with kept slices around them, in an in-plane box of ``box_mm`` (bounds the cost), chosen OUTSIDE every slab the QC self-validation
    (:func:`~atlasgs_bids.qc.selfval.self_validate`, any seed) can use: the slices that choose cannot be the
    slices that score. Candidates are fitted on the kept slices and scored on the held-out ones (PSNR, through the
    target's slice profile, :func:`~atlasgs_bids.qc.selfval.heldout_fit`).
@@ -121,11 +121,15 @@ def heldout_slab(eligible: np.ndarray, shape: tuple[int, ...], acquisition: Acqu
                  qc_every: int = selfval.EVERY, qc_max_heldout: int = selfval.MAX_HELDOUT,
                  qc_margin: int = selfval.MARGIN) -> tuple[list[int], tuple[int, int], np.ndarray] | None:
     """The held-out slab of a target outside every QC slab (:func:`tuning_slab`): its held-out slices, its (first,
-    last) slices and its in-plane region (:func:`inplane_box`, (I, J, K) bool); None when there is none.
+    last) slices and its in-plane region (:func:`inplane_box`, (I, J, K) bool); None when there is none. When no
+    slab of :data:`TUNE_HELDOUT` held-out slices fits, one of a single held-out slice is taken.
     ``eligible`` [E, 3]: the target voxels of the brain-mask rule (:func:`fit_voxels`)."""
     axis = int(acquisition.slice_axis)
     counts = np.bincount(eligible[:, axis], minlength=shape[axis])
-    slab = tuning_slab(counts, qc_slices(counts, every=qc_every, max_heldout=qc_max_heldout, margin=qc_margin))
+    excluded = qc_slices(counts, every=qc_every, max_heldout=qc_max_heldout, margin=qc_margin)
+    # A target of few thick slices (x7: 22 brain slices) may leave no 5-slice slab beside the QC's: one held-out
+    # slice between two kept ones still scores the candidates (ADR 0011), better than no choice at all.
+    slab = tuning_slab(counts, excluded) or tuning_slab(counts, excluded, n_heldout=1)
     if slab is None:
         return None
     held, (first, last) = slab
