@@ -595,14 +595,13 @@ def _amplitude_bounds(y_raw: np.ndarray, intensity: IntensityScale, s: torch.Ten
     """
     magnitude = bool(np.percentile(y_raw, 0.1) >= 0.0)
     lower = torch.zeros_like(s) if (opts.nonnegative and magnitude) else None
-    upper = None
-    cap = None
+    upper = caps = None
     if opts.upper is not None:
         caps = opts.upper * np.percentile(y_raw, 99.9, axis=0)  # [V], target units
-        cap = float(caps[0])
         upper = s[:, None] * torch.as_tensor(intensity.apply(caps), dtype=s.dtype, device=s.device)[None, :]
-    record = {"lower": 0.0 if lower is not None else None, "upper_intensity": cap, "magnitude_image": magnitude}
-    return lower, upper, (None if opts.upper is None else caps.astype(np.float64)), record
+    record = {"lower": 0.0 if lower is not None else None,
+              "upper_intensity": None if caps is None else float(caps[0]), "magnitude_image": magnitude}
+    return lower, upper, caps, record
 
 
 def fit_voxels(scaffold: Scaffold, acquisition: Acquisition, target2t1w: np.ndarray,

@@ -8,7 +8,8 @@ What fits one target is measured on that target:
    inside the fitted voxels, normalised like the fit). It sets the centre of the lambda grid:
    ``lam_c`` = :func:`~atlasgs_bids.gaussians.appearance.noise_set_lambda` (``max(options.lam, 100 sigma_n^2)``).
 2. Held-out slices. A slab of ``TUNE_HELDOUT`` held-out slices (one when a target of few thick slices leaves no
-   room for more), every ``TUNE_EVERY``-th, with kept slices around them, in an in-plane box of ``box_mm`` (bounds the cost), chosen OUTSIDE every slab the QC self-validation
+   room for more), every ``TUNE_EVERY``-th, with kept slices around them, in an in-plane box of ``box_mm``
+   (bounds the cost), chosen OUTSIDE every slab the QC self-validation
    (:func:`~atlasgs_bids.qc.selfval.self_validate`, any seed) can use: the slices that choose cannot be the
    slices that score. Candidates are fitted on the kept slices and scored on the held-out ones (PSNR, through the
    target's slice profile, :func:`~atlasgs_bids.qc.selfval.heldout_fit`).
